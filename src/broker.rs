@@ -1,0 +1,189 @@
+//! Assembly: binds the listeners, starts the shards and the I/O runtime, and
+//! owns the broker-wide shared context ([`Shared`]) and the shutdown order.
+//!
+//! [`Shared`] is immutable after start except for atomics: the routing table
+//! (an `ArcSwap`), the per-shard rings and counters, and the live-connection
+//! count. It is what every thread holds an `Arc` of.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::listener;
+use crate::metrics::{ApiErrors, Latency};
+use crate::redact::Redactor;
+use crate::routing::{Router, RoutingTable};
+use crate::shard::{self, ShardHandle};
+
+/// The broker-wide context shared by every thread.
+pub struct Shared {
+    pub config: Config,
+    pub router: Router,
+    /// Indexed by shard id.
+    pub shards: Box<[ShardHandle]>,
+    /// Client connections admitted (handed over or live), across shards:
+    /// enforces `--max-connections` without asking the shards.
+    live: AtomicUsize,
+    /// Random per start: the prefix of every user epoch, so a restart changes them all.
+    pub boot: String,
+    pub redactor: Redactor,
+    pub auth: Authenticator,
+    pub api_errors: ApiErrors,
+}
+
+impl Shared {
+    /// Admits one more client connection if under `--max-connections`.
+    pub fn try_acquire_connection(&self) -> bool {
+        // Relaxed: a counter bounding admissions; it orders nothing else.
+        let prev = self.live.fetch_add(1, Ordering::Relaxed);
+        if prev >= self.config.max_connections {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    pub fn release_connection(&self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn live_connections(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("cannot bind --listen {addr}: {source}")]
+    BindClient { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot bind --api-listen {addr}: {source}")]
+    BindApi { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot start the I/O runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot start a shard thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A started broker.
+pub struct Running {
+    pub client_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    shards: Vec<JoinHandle<Option<Latency>>>,
+    io: Option<tokio::runtime::Runtime>,
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+fn boot_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0..4).map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char).collect()
+}
+
+/// Starts a broker: binds both listeners, spawns the shards and the I/O runtime.
+pub fn start(config: Config) -> Result<Running, StartError> {
+    let client =
+        bind(config.listen).map_err(|source| StartError::BindClient { addr: config.listen, source })?;
+    let api =
+        bind(config.api_listen).map_err(|source| StartError::BindApi { addr: config.api_listen, source })?;
+    let client_addr = client.local_addr().map_err(StartError::Runtime)?;
+    let api_addr = api.local_addr().map_err(StartError::Runtime)?;
+
+    let shards: Box<[ShardHandle]> =
+        (0..config.shards).map(|i| ShardHandle::new(i, config.ring_capacity)).collect();
+    let shared = Arc::new(Shared {
+        router: Router::new(RoutingTable::uniform(config.shards)),
+        shards,
+        live: AtomicUsize::new(0),
+        boot: boot_id(),
+        redactor: Redactor::new(config.redact_keys.clone()),
+        auth: Authenticator::new(config.jwt_secret.as_deref()),
+        api_errors: ApiErrors::default(),
+        config,
+    });
+    let shutdown = CancellationToken::new();
+
+    let mut threads = Vec::with_capacity(shared.shards.len());
+    for id in 0..shared.shards.len() {
+        let (shared, token) = (shared.clone(), shutdown.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("shard-{id}"))
+            .spawn(move || match shard::reactor::run(id, shared, token) {
+                Ok(latency) => Some(latency),
+                Err(e) => {
+                    tracing::error!(shard = id, error = %e, "shard failed to start");
+                    None
+                }
+            })
+            .map_err(StartError::Thread)?;
+        threads.push(t);
+    }
+
+    let io = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(shared.config.io_threads)
+        .thread_name("io")
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
+    {
+        let _guard = io.enter();
+        let client = tokio::net::TcpListener::from_std(client).map_err(StartError::Runtime)?;
+        let api = tokio::net::TcpListener::from_std(api).map_err(StartError::Runtime)?;
+        io.spawn(listener::client::serve(client, shared.clone(), shutdown.clone()));
+        io.spawn(listener::api::serve(api, shared.clone(), shutdown.clone()));
+    }
+    if shared.auth.is_dev() {
+        tracing::warn!("dev mode: no --jwt-secret, clients choose their user with ?user=");
+    }
+    tracing::info!(
+        client = %client_addr,
+        api = %api_addr,
+        shards = shared.shards.len(),
+        "switchyard listening"
+    );
+    Ok(Running { client_addr, api_addr, shared, shutdown, shards: threads, io: Some(io) })
+}
+
+impl Running {
+    /// A token that, when cancelled, starts the shutdown sequence.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, drains every shard (close 1001 after flushing, up to
+    /// `--drain-timeout`) and waits for the shard threads. Blocking.
+    /// Returns the shards' final latency histograms, merged.
+    pub fn shutdown(mut self) -> Latency {
+        self.shutdown.cancel();
+        let mut merged = Latency::default();
+        for t in self.shards.drain(..) {
+            if let Ok(Some(l)) = t.join() {
+                merged.merge(&l);
+            }
+        }
+        if let Some(io) = self.io.take() {
+            io.shutdown_timeout(std::time::Duration::from_millis(500));
+        }
+        merged
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(io) = self.io.take() {
+            io.shutdown_background();
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! Command-line flags (clap, each with its `SWITCHYARD_*` env var) parsed raw
+//! into [`Flags`], then validated into an immutable [`Config`].
+//!
+//! Validation refuses configurations that would be unsafe to run (an
+//! anonymous client listener or an unauthenticated API on a non-loopback
+//! address) with a [`ConfigError`] naming the flag; `main` turns that into
+//! exit status 2, as clap does for malformed values.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use thiserror::Error;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// switchyard: a sharded, lock-free WebSocket event broker.
+///
+/// Every flag can also be set through the environment variable shown.
+/// Durations are written like 500ms, 25s, 5m; sizes are bytes or take a
+/// KiB/MiB suffix.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "switchyard", version, about, long_about = None)]
+pub struct Flags {
+    /// Client listener: GET /ws (WebSocket) and GET /healthz.
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// API listener: /v1/*, /metrics, /debug/*.
+    #[arg(long, env = "SWITCHYARD_API_LISTEN", default_value = "127.0.0.1:8081")]
+    pub api_listen: SocketAddr,
+
+    /// Number of shards (reactor threads); default: available cores.
+    #[arg(long, env = "SWITCHYARD_SHARDS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub shards: Option<u16>,
+
+    /// Threads serving the listeners (HTTP parsing, publish validation).
+    #[arg(long, env = "SWITCHYARD_IO_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub io_threads: u16,
+
+    /// Commands each shard's ring holds; a full ring answers 503.
+    #[arg(long, env = "SWITCHYARD_RING_CAPACITY", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
+    pub ring_capacity: u32,
+
+    /// HS256 secret for client JWTs. Without a secret the broker runs in dev mode.
+    #[arg(long, env = "SWITCHYARD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// File holding the HS256 secret (trailing newline ignored).
+    #[arg(long, env = "SWITCHYARD_JWT_SECRET_FILE", conflicts_with = "jwt_secret")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// Allow dev mode (user from ?user=) on a non-loopback --listen.
+    #[arg(long, env = "SWITCHYARD_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
+
+    /// Bearer key required on /v1/*. Without it the API listener must be loopback.
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Interval between server WebSocket pings.
+    #[arg(long, env = "SWITCHYARD_PING_INTERVAL", default_value = "25s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+
+    /// Close (4002) a client that sent nothing for this long.
+    #[arg(long, env = "SWITCHYARD_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Time a client has to send its complete upgrade request.
+    #[arg(long, env = "SWITCHYARD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Most client connections; further upgrades get 503.
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Most connections per user; a new one evicts the oldest (close 4001).
+    #[arg(long, env = "SWITCHYARD_MAX_CONNS_PER_USER", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_conns_per_user: u32,
+
+    /// Frames queued per connection before the slow-consumer policy applies.
+    #[arg(long, env = "SWITCHYARD_MAX_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub max_queue: u32,
+
+    /// Largest publish object accepted, as received.
+    #[arg(long, env = "SWITCHYARD_MAX_PAYLOAD", default_value = "64KiB", value_parser = parse_size)]
+    pub max_payload: usize,
+
+    /// Events kept per user for resume.
+    #[arg(long, env = "SWITCHYARD_HISTORY_SIZE", default_value_t = 128, value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
+    pub history_size: u32,
+
+    /// How long events are kept, and how long an idle user's state lives.
+    #[arg(long, env = "SWITCHYARD_HISTORY_TTL", default_value = "300s", value_parser = parse_duration)]
+    pub history_ttl: Duration,
+
+    /// How long shutdown waits for queued frames to flush.
+    #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Comma-separated keys removed from event data at any depth.
+    #[arg(long, env = "SWITCHYARD_REDACT_KEYS", value_delimiter = ',')]
+    pub redact_keys: Vec<String>,
+
+    /// Directory for .hgrm dumps (SIGUSR1 and shutdown).
+    #[arg(long, env = "SWITCHYARD_HIST_DIR")]
+    pub hist_dir: Option<PathBuf>,
+
+    /// Also append an interval log (.hlog) to --hist-dir at this interval.
+    #[arg(long, env = "SWITCHYARD_HIST_INTERVAL", value_parser = parse_duration)]
+    pub hist_interval: Option<Duration>,
+
+    /// Log format: pretty or json (level from RUST_LOG).
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "pretty")]
+    pub log_format: LogFormat,
+}
+
+/// A refused configuration, naming the flag responsible.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("--listen {0} is not loopback and no --jwt-secret is set: dev mode would let anyone connect as any user; set --jwt-secret or pass --allow-anonymous")]
+    AnonymousNonLoopback(SocketAddr),
+    #[error("--api-listen {0} is not loopback and no --api-key is set: anyone could publish; set --api-key")]
+    OpenApi(SocketAddr),
+    #[error("--jwt-secret-file {path}: {source}")]
+    SecretFile { path: PathBuf, source: std::io::Error },
+    #[error("--jwt-secret must not be empty")]
+    EmptySecret,
+    #[error("--api-key must not be empty")]
+    EmptyApiKey,
+    #[error("--history-size ({history}) must not exceed --max-queue ({queue}): a full replay must fit in a connection's queue")]
+    HistoryOverQueue { history: u32, queue: u32 },
+    #[error(
+        "--idle-timeout must be longer than --ping-interval, or idle clients are cut before they are pinged"
+    )]
+    IdleBeforePing,
+    #[error("--{flag} must be greater than zero")]
+    Zero { flag: &'static str },
+    #[error("--hist-interval needs --hist-dir")]
+    IntervalWithoutDir,
+}
+
+/// Validated, immutable broker configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub api_listen: SocketAddr,
+    pub shards: usize,
+    pub io_threads: usize,
+    pub ring_capacity: usize,
+    /// HS256 secret; `None` is dev mode.
+    pub jwt_secret: Option<Vec<u8>>,
+    pub api_key: Option<String>,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
+    pub max_conns_per_user: usize,
+    pub max_queue: usize,
+    pub max_payload: usize,
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    pub drain_timeout: Duration,
+    pub redact_keys: Vec<String>,
+    pub hist_dir: Option<PathBuf>,
+    pub hist_interval: Option<Duration>,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Validates raw flags into a configuration.
+    pub fn from_flags(f: Flags) -> Result<Config, ConfigError> {
+        let jwt_secret = match (&f.jwt_secret, &f.jwt_secret_file) {
+            (Some(s), _) => Some(s.clone().into_bytes()),
+            (None, Some(path)) => {
+                let raw = std::fs::read(path)
+                    .map_err(|source| ConfigError::SecretFile { path: path.clone(), source })?;
+                let trimmed = raw.trim_ascii_end().to_vec();
+                Some(trimmed)
+            }
+            (None, None) => None,
+        };
+        if jwt_secret.as_ref().is_some_and(|s| s.is_empty()) {
+            return Err(ConfigError::EmptySecret);
+        }
+        if f.api_key.as_ref().is_some_and(|k| k.is_empty()) {
+            return Err(ConfigError::EmptyApiKey);
+        }
+        if jwt_secret.is_none() && !f.listen.ip().is_loopback() && !f.allow_anonymous {
+            return Err(ConfigError::AnonymousNonLoopback(f.listen));
+        }
+        if f.api_key.is_none() && !f.api_listen.ip().is_loopback() {
+            return Err(ConfigError::OpenApi(f.api_listen));
+        }
+        if f.history_size > f.max_queue {
+            return Err(ConfigError::HistoryOverQueue { history: f.history_size, queue: f.max_queue });
+        }
+        for (flag, d) in [
+            ("ping-interval", f.ping_interval),
+            ("idle-timeout", f.idle_timeout),
+            ("handshake-timeout", f.handshake_timeout),
+            ("history-ttl", f.history_ttl),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Zero { flag });
+            }
+        }
+        if f.max_connections == 0 {
+            return Err(ConfigError::Zero { flag: "max-connections" });
+        }
+        if f.max_payload == 0 {
+            return Err(ConfigError::Zero { flag: "max-payload" });
+        }
+        if f.idle_timeout <= f.ping_interval {
+            return Err(ConfigError::IdleBeforePing);
+        }
+        if f.hist_interval.is_some() && f.hist_dir.is_none() {
+            return Err(ConfigError::IntervalWithoutDir);
+        }
+        let shards = match f.shards {
+            Some(n) => n as usize,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        Ok(Config {
+            listen: f.listen,
+            api_listen: f.api_listen,
+            shards,
+            io_threads: f.io_threads as usize,
+            ring_capacity: f.ring_capacity as usize,
+            jwt_secret,
+            api_key: f.api_key,
+            ping_interval: f.ping_interval,
+            idle_timeout: f.idle_timeout,
+            handshake_timeout: f.handshake_timeout,
+            max_connections: f.max_connections,
+            max_conns_per_user: f.max_conns_per_user as usize,
+            max_queue: f.max_queue as usize,
+            max_payload: f.max_payload,
+            history_size: f.history_size as usize,
+            history_ttl: f.history_ttl,
+            drain_timeout: f.drain_timeout,
+            redact_keys: f.redact_keys,
+            hist_dir: f.hist_dir,
+            hist_interval: f.hist_interval,
+            log_format: f.log_format,
+        })
+    }
+
+    /// A configuration for tests and embedding: loopback, ephemeral ports, defaults otherwise.
+    pub fn for_tests() -> Config {
+        let flags =
+            Flags::parse_from(["switchyard", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"]);
+        // Loopback and default values always validate.
+        Config::from_flags(flags).unwrap_or_else(|e| unreachable!("default test config: {e}"))
+    }
+}
+
+/// Parses `500ms`, `25s`, `5m`, `1h` (a bare number is seconds).
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (num, unit) = raw.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{raw:?} is not a duration (examples: 500ms, 25s, 5m)"))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        other => return Err(format!("unknown duration unit {other:?} (use ms, s, m or h)")),
+    };
+    Ok(d)
+}
+
+/// Parses `65536`, `64KiB`, `1MiB` (also `KB`/`MB` as binary units).
+pub fn parse_size(raw: &str) -> Result<usize, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (num, unit) = raw.split_at(split);
+    let n: usize =
+        num.parse().map_err(|_| format!("{raw:?} is not a size (examples: 65536, 64KiB, 1MiB)"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "KB" | "K" => 1024,
+        "MiB" | "MB" | "M" => 1024 * 1024,
+        other => return Err(format!("unknown size unit {other:?} (use KiB or MiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{raw:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(extra: &[&str]) -> Flags {
+        let mut args = vec!["switchyard"];
+        args.extend_from_slice(extra);
+        Flags::try_parse_from(args).unwrap()
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("25s").unwrap(), Duration::from_secs(25));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("fast").is_err());
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_size("100").unwrap(), 100);
+        assert!(parse_size("1GiB").is_err());
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = Config::from_flags(flags(&[])).unwrap();
+        assert_eq!(c.max_queue, 1024);
+        assert_eq!(c.max_payload, 64 * 1024);
+        assert!(c.jwt_secret.is_none());
+    }
+
+    #[test]
+    fn refuses_unsafe_exposure() {
+        let e = Config::from_flags(flags(&["--listen", "0.0.0.0:8080"])).unwrap_err();
+        assert!(e.to_string().contains("--listen"));
+        assert!(Config::from_flags(flags(&["--listen", "0.0.0.0:8080", "--allow-anonymous"])).is_ok());
+        assert!(Config::from_flags(flags(&["--listen", "0.0.0.0:8080", "--jwt-secret", "s"])).is_ok());
+        let e = Config::from_flags(flags(&["--api-listen", "0.0.0.0:8081"])).unwrap_err();
+        assert!(e.to_string().contains("--api-listen"));
+        assert!(Config::from_flags(flags(&["--api-listen", "0.0.0.0:8081", "--api-key", "k"])).is_ok());
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let e = Flags::try_parse_from(["switchyard", "--ping-interval", "soon"]).unwrap_err();
+        assert!(e.to_string().contains("--ping-interval"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+    }
+}

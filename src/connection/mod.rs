@@ -1,0 +1,406 @@
+//! One client WebSocket connection, living on its user's shard.
+//!
+//! A connection is two shard-local tasks sharing an `Rc<Conn>`:
+//! - the **writer** owns the socket's write half. It sleeps until frames are
+//!   queued, then takes everything queued (up to [`MAX_BATCH`] frames) and
+//!   writes it with one vectored write: a lone frame goes out at once, a
+//!   backlog goes out many frames per syscall. It records publish→write
+//!   latency, and when it ends it deregisters the connection.
+//! - the **reader** owns the read half (fastwebsockets, in its own task since
+//!   `read_frame` is not cancel-safe). It answers app-level pings, refuses
+//!   anything else with an `error` frame, enforces the 4 KiB message limit
+//!   (1009) and stamps `last_recv` for the idle timeout.
+//!
+//! Closing is a state on the connection ([`CloseMode`]): `Now` drops what is
+//! queued and sends a close frame; `AfterFlush` (shutdown) writes what is
+//! queued first. Everything here runs on one thread, so state is in
+//! `Cell`/`RefCell`, with no locks or atomics beyond the shard's counters.
+
+pub mod queue;
+
+use std::cell::{Cell, RefCell};
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, WebSocketError};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::task::AbortHandle;
+
+use crate::metrics::bump;
+use crate::protocol::{self, ClientMessage, UserId};
+use crate::shard::reactor::ShardCore;
+use crate::wsframe;
+pub use queue::{Enqueued, OutQueue, Outbound};
+
+/// Most frames one vectored write carries (Linux IOV_MAX is 1024; 64 already
+/// amortises the syscall ~64×).
+pub const MAX_BATCH: usize = 64;
+/// Most bytes one batch carries, so one connection cannot hog its shard.
+pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// Largest client message accepted (contract §3); larger closes with 1009.
+pub const MAX_CLIENT_MESSAGE: usize = 4096;
+/// How long a close frame may take to write before the socket is dropped.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How a connection is being closed.
+#[derive(Debug, Clone)]
+pub enum CloseMode {
+    /// Drop queued events, write this close frame (if any), then end.
+    Now(Option<Bytes>),
+    /// Write queued frames first, then the close frame; give up at the deadline.
+    AfterFlush(Bytes, Instant),
+}
+
+/// The shard-local state of one connection.
+pub struct Conn {
+    /// Slab key on the shard.
+    pub key: usize,
+    /// The `conn` id reported in `welcome`.
+    pub id: String,
+    pub user: UserId,
+    queue: RefCell<OutQueue>,
+    closing: RefCell<Option<CloseMode>>,
+    /// The writer task's waker, when it sleeps.
+    waker: RefCell<Option<Waker>>,
+    /// Last time the client sent anything (frame or pong).
+    pub last_recv: Cell<Instant>,
+    /// When the next protocol ping is due.
+    pub next_ping: Cell<Instant>,
+    reader: RefCell<Option<AbortHandle>>,
+}
+
+impl Conn {
+    pub fn new(key: usize, id: String, user: UserId, max_queue: usize, now: Instant, ping: Duration) -> Self {
+        Conn {
+            key,
+            id,
+            user,
+            queue: RefCell::new(OutQueue::new(max_queue)),
+            closing: RefCell::new(None),
+            waker: RefCell::new(None),
+            last_recv: Cell::new(now),
+            next_ping: Cell::new(now + ping),
+            reader: RefCell::new(None),
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    fn park(&self, cx: &Context<'_>) {
+        let mut slot = self.waker.borrow_mut();
+        match &*slot {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => *slot = Some(cx.waker().clone()),
+        }
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.borrow().is_some()
+    }
+
+    /// Event frames queued.
+    pub fn depth(&self) -> usize {
+        self.queue.borrow().depth()
+    }
+
+    /// Offers an event; the caller applies the outcome to its counters.
+    pub fn push_event(&self, out: Outbound) -> Enqueued {
+        if self.is_closing() {
+            return Enqueued::Shed;
+        }
+        let r = self.queue.borrow_mut().push_event(out);
+        if matches!(r, Enqueued::Queued | Enqueued::QueuedShedding(_)) {
+            self.wake();
+        }
+        r
+    }
+
+    /// Queues a control frame; a client that lets too many pile up is closed (1008).
+    pub fn push_control(&self, frame: Bytes) {
+        if self.is_closing() {
+            return;
+        }
+        let ok = self.queue.borrow_mut().push_control(frame);
+        if ok {
+            self.wake();
+        } else {
+            self.close_now(1008, "too many unanswered requests");
+        }
+    }
+
+    /// Closes at once with `code`: queued events are dropped.
+    pub fn close_now(&self, code: u16, reason: &str) {
+        self.set_closing(CloseMode::Now(Some(wsframe::close_frame(code, reason))));
+    }
+
+    /// The peer is gone: end without writing anything.
+    pub fn abandon(&self) {
+        self.set_closing(CloseMode::Now(None));
+    }
+
+    /// Closes with `code` after writing what is queued, giving up at `deadline`.
+    pub fn close_after_flush(&self, code: u16, reason: &str, deadline: Instant) {
+        self.set_closing(CloseMode::AfterFlush(wsframe::close_frame(code, reason), deadline));
+    }
+
+    fn set_closing(&self, mode: CloseMode) {
+        {
+            let mut c = self.closing.borrow_mut();
+            if matches!(*c, Some(CloseMode::Now(_))) {
+                return; // already closing at once; keep the first reason
+            }
+            if matches!(mode, CloseMode::Now(_)) {
+                self.queue.borrow_mut().clear_events();
+            }
+            *c = Some(mode);
+        }
+        self.wake();
+    }
+
+    pub fn set_reader(&self, handle: AbortHandle) {
+        *self.reader.borrow_mut() = Some(handle);
+    }
+
+    fn stop_reader(&self) {
+        if let Some(h) = self.reader.borrow_mut().take() {
+            h.abort();
+        }
+    }
+}
+
+/// What the writer should do next.
+enum Step {
+    Write,
+    Close(Option<Bytes>),
+}
+
+/// The writer task: runs until the connection closes, then deregisters it.
+pub async fn run_writer(core: Rc<ShardCore>, conn: Rc<Conn>, mut sock: OwnedWriteHalf) {
+    let mut batch: Vec<Outbound> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        batch.clear();
+        let step = std::future::poll_fn(|cx| next_step(&conn, &mut batch, cx)).await;
+        match step {
+            Step::Write => {
+                let deadline = match &*conn.closing.borrow() {
+                    Some(CloseMode::AfterFlush(_, d)) => Some(*d),
+                    _ => None,
+                };
+                let res = match deadline {
+                    Some(d) => {
+                        match tokio::time::timeout_at(d.into(), write_batch(&conn, &mut sock, &batch)).await {
+                            Ok(r) => r,
+                            Err(_) => Err(WriteFailed),
+                        }
+                    }
+                    None => write_batch(&conn, &mut sock, &batch).await,
+                };
+                match res {
+                    Ok(calls) => account_batch(&core, &batch, calls),
+                    Err(WriteFailed) => {
+                        let urgent = conn.closing.borrow().clone();
+                        if let Some(CloseMode::Now(Some(frame))) = urgent {
+                            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sock.write_all(&frame)).await;
+                        }
+                        break;
+                    }
+                }
+            }
+            Step::Close(frame) => {
+                if let Some(frame) = frame {
+                    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
+                        sock.write_all(&frame).await?;
+                        sock.shutdown().await
+                    })
+                    .await;
+                }
+                break;
+            }
+        }
+    }
+    conn.stop_reader();
+    core.deregister(&conn);
+}
+
+fn next_step(conn: &Conn, batch: &mut Vec<Outbound>, cx: &mut Context<'_>) -> Poll<Step> {
+    if let Some(CloseMode::Now(frame)) = &*conn.closing.borrow() {
+        // Control frames already queued (e.g. the 101 response) go first only
+        // if nothing urgent is pending; a Now close skips them.
+        return Poll::Ready(Step::Close(frame.clone()));
+    }
+    let mut q = conn.queue.borrow_mut();
+    if !q.is_empty() {
+        q.pop_batch(batch, MAX_BATCH, MAX_BATCH_BYTES);
+        return Poll::Ready(Step::Write);
+    }
+    if let Some(CloseMode::AfterFlush(frame, _)) = &*conn.closing.borrow() {
+        return Poll::Ready(Step::Close(Some(frame.clone())));
+    }
+    drop(q);
+    conn.park(cx);
+    Poll::Pending
+}
+
+/// The write failed, or the connection was told to close mid-write.
+#[derive(Debug)]
+struct WriteFailed;
+
+/// Writes every frame in `batch`, using as few vectored writes as the kernel
+/// allows. Returns the number of write calls. Aborts if the connection is
+/// closed with [`CloseMode::Now`] while waiting for the socket.
+async fn write_batch(conn: &Conn, sock: &mut OwnedWriteHalf, batch: &[Outbound]) -> Result<u64, WriteFailed> {
+    let mut slices = [IoSlice::new(&[]); MAX_BATCH];
+    for (s, o) in slices.iter_mut().zip(batch) {
+        *s = IoSlice::new(&o.frame);
+    }
+    let mut bufs: &mut [IoSlice<'_>] = &mut slices[..batch.len()];
+    let mut calls = 0;
+    while !bufs.is_empty() {
+        let n = std::future::poll_fn(|cx| {
+            if matches!(&*conn.closing.borrow(), Some(CloseMode::Now(_))) {
+                return Poll::Ready(Err(WriteFailed));
+            }
+            match Pin::new(&mut *sock).poll_write_vectored(cx, bufs) {
+                Poll::Pending => {
+                    conn.park(cx);
+                    Poll::Pending
+                }
+                Poll::Ready(Ok(0)) => Poll::Ready(Err(WriteFailed)),
+                Poll::Ready(Ok(n)) => Poll::Ready(Ok(n)),
+                Poll::Ready(Err(_)) => Poll::Ready(Err(WriteFailed)),
+            }
+        })
+        .await?;
+        calls += 1;
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(calls)
+}
+
+/// The reader task: runs until the client closes, errs, or the writer stops it.
+pub async fn run_reader<R>(conn: Rc<Conn>, read: R)
+where
+    R: AsyncRead + Unpin,
+{
+    let (mut ws, _) =
+        fastwebsockets::after_handshake_split(read, tokio::io::sink(), fastwebsockets::Role::Server);
+    ws.set_auto_close(true);
+    ws.set_auto_pong(true);
+    // fastwebsockets rejects a frame when `len >= max`, so allow exactly 4096.
+    ws.set_max_message_size(MAX_CLIENT_MESSAGE + 1);
+    let mut fragments: Option<(OpCode, Vec<u8>)> = None;
+    loop {
+        let obligated = conn.clone();
+        let mut send = move |mut frame: Frame<'_>| {
+            let mut buf = Vec::with_capacity(frame.payload.len() + wsframe::MAX_HEADER_LEN);
+            let bytes = Bytes::copy_from_slice(frame.write(&mut buf));
+            if frame.opcode == OpCode::Close {
+                obligated.set_closing(CloseMode::Now(Some(bytes)));
+            } else {
+                obligated.push_control(bytes);
+            }
+            std::future::ready(Ok::<(), std::convert::Infallible>(()))
+        };
+        let frame = match ws.read_frame(&mut send).await {
+            Ok(f) => f,
+            Err(e) => {
+                close_for_read_error(&conn, e);
+                return;
+            }
+        };
+        conn.last_recv.set(Instant::now());
+        match frame.opcode {
+            OpCode::Close => return, // the echo is already queued
+            OpCode::Ping | OpCode::Pong => {}
+            OpCode::Text | OpCode::Binary => {
+                if fragments.is_some() {
+                    conn.close_now(1002, "new message inside a fragmented one");
+                    return;
+                }
+                if frame.fin {
+                    handle_message(&conn, frame.opcode, &frame.payload);
+                } else {
+                    fragments = Some((frame.opcode, frame.payload.to_vec()));
+                }
+            }
+            OpCode::Continuation => {
+                let Some((op, mut buf)) = fragments.take() else {
+                    conn.close_now(1002, "continuation without a message");
+                    return;
+                };
+                if buf.len() + frame.payload.len() > MAX_CLIENT_MESSAGE {
+                    conn.close_now(1009, "message too big");
+                    return;
+                }
+                buf.extend_from_slice(&frame.payload);
+                if frame.fin {
+                    if op == OpCode::Text && std::str::from_utf8(&buf).is_err() {
+                        conn.close_now(1007, "invalid UTF-8");
+                        return;
+                    }
+                    handle_message(&conn, op, &buf);
+                } else {
+                    fragments = Some((op, buf));
+                }
+            }
+        }
+    }
+}
+
+fn close_for_read_error(conn: &Conn, e: WebSocketError) {
+    match e {
+        WebSocketError::FrameTooLarge => conn.close_now(1009, "message too big"),
+        WebSocketError::InvalidUTF8 => conn.close_now(1007, "invalid UTF-8"),
+        WebSocketError::UnexpectedEOF | WebSocketError::IoError(_) | WebSocketError::ConnectionClosed => {
+            conn.abandon()
+        }
+        WebSocketError::SendError(_) => conn.abandon(),
+        _ => {
+            // Protocol violations: reserved bits, bad opcodes, fragmented
+            // control frames, oversized pings, bad close frames.
+            if !conn.is_closing() {
+                conn.close_now(1002, "protocol error");
+            }
+        }
+    }
+}
+
+fn handle_message(conn: &Conn, op: OpCode, payload: &[u8]) {
+    if op == OpCode::Binary {
+        conn.push_control(protocol::encode_client_error(
+            "bad_request",
+            "binary frames are not accepted; send JSON text",
+        ));
+        return;
+    }
+    match protocol::parse_client_message(payload) {
+        Ok(ClientMessage::Ping(id)) => conn.push_control(protocol::encode_pong(&id)),
+        Err(e) => conn.push_control(protocol::encode_client_error(e.code, &e.message)),
+    }
+}
+
+/// Records a written batch into the shard's counters and histograms.
+pub fn account_batch(core: &ShardCore, batch: &[Outbound], calls: u64) {
+    let now = Instant::now();
+    let m = &core.handle().metrics;
+    bump(&m.write_calls, calls);
+    bump(&m.frames_written, batch.len() as u64);
+    let mut events = 0;
+    let mut lat = core.latency.borrow_mut();
+    for o in batch {
+        if let Some(at) = o.accepted {
+            events += 1;
+            lat.record(o.priority, now.saturating_duration_since(at));
+        }
+    }
+    bump(&m.delivered, events);
+}

@@ -1,0 +1,389 @@
+//! The client listener: accepts sockets, reads and checks the upgrade request,
+//! authenticates it, and hands the socket to the user's shard.
+//!
+//! Runs on the I/O runtime (not on a shard). It reads only the request head
+//! (bounded in size by [`MAX_HEAD`] and in time by `--handshake-timeout`),
+//! answers every refusal with an HTTP status and a JSON body, and never
+//! writes to a socket it has handed over: the owning shard writes the `101`
+//! response together with the `welcome` frame.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use sha1::{Digest, Sha1};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{AuthError, Credentials};
+use crate::broker::Shared;
+use crate::shard::{AttachCmd, Command, Resume};
+
+/// Largest request head accepted; larger gets 431.
+pub const MAX_HEAD: usize = 8192;
+const MAX_HEADERS: usize = 32;
+const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// A refusal: status line, machine code, message.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        Refusal { status, code, message: message.into() }
+    }
+}
+
+/// What a parsed request asks for.
+#[derive(Debug)]
+pub enum Parsed {
+    Health,
+    Upgrade(UpgradeRequest),
+}
+
+/// A checked WebSocket upgrade request, not yet authenticated.
+#[derive(Debug)]
+pub struct UpgradeRequest {
+    pub accept_key: String,
+    pub query_user: Option<String>,
+    pub query_token: Option<String>,
+    pub bearer: Option<String>,
+    pub since: Option<u64>,
+    pub epoch: Option<String>,
+}
+
+/// Accepts client sockets until `shutdown` fires.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                tokio::spawn(handle(stream, shared.clone()));
+            }
+            Err(e) => {
+                // Usually EMFILE/ENFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "client accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn handle(mut stream: TcpStream, shared: Arc<Shared>) {
+    let timeout = shared.config.handshake_timeout;
+    let (head, leftover) = match tokio::time::timeout(timeout, read_head(&mut stream)).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(refusal)) => return respond(&mut stream, &refusal).await,
+        Err(_) => {
+            let r = Refusal::new(408, "handshake_timeout", "the upgrade request took too long");
+            return respond(&mut stream, &r).await;
+        }
+    };
+    match parse_request(&head) {
+        Ok(Parsed::Health) => {
+            let body = br#"{"status":"ok"}"#;
+            let _ = write_response(&mut stream, 200, "OK", &[], body).await;
+        }
+        Ok(Parsed::Upgrade(up)) => {
+            if let Err(r) = hand_over(stream, &shared, up, leftover).await {
+                let (mut stream, refusal) = *r;
+                respond(&mut stream, &refusal).await;
+            }
+        }
+        Err(r) => respond(&mut stream, &r).await,
+    }
+}
+
+/// Reads until the end of the request head. Returns the head and any bytes after it.
+async fn read_head(stream: &mut TcpStream) -> Result<(Vec<u8>, Bytes), Refusal> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    loop {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|_| Refusal::new(400, "bad_request", "connection error"))?;
+        if n == 0 {
+            return Err(Refusal::new(
+                400,
+                "bad_request",
+                "connection closed before the request was complete",
+            ));
+        }
+        let scan_from = buf.len().saturating_sub(3);
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(pos) = find_head_end(&buf[scan_from..]) {
+            let end = scan_from + pos;
+            let leftover = Bytes::copy_from_slice(&buf[end..]);
+            buf.truncate(end);
+            return Ok((buf, leftover));
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(Refusal::new(431, "header_too_large", "request head over 8 KiB"));
+        }
+    }
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+/// Parses and checks a request head (pure: fuzzable and unit-tested).
+pub fn parse_request(head: &[u8]) -> Result<Parsed, Refusal> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(Refusal::new(400, "bad_request", "incomplete request")),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal::new(431, "header_too_large", "too many headers"))
+        }
+        Err(e) => return Err(Refusal::new(400, "bad_request", format!("malformed request: {e}"))),
+    }
+    let method = req.method.unwrap_or("");
+    let target = req.path.unwrap_or("");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    match path {
+        "/healthz" if method == "GET" => return Ok(Parsed::Health),
+        "/ws" if method == "GET" => {}
+        "/ws" | "/healthz" => return Err(Refusal::new(405, "method_not_allowed", "use GET")),
+        _ => return Err(Refusal::new(404, "not_found", "this listener serves GET /ws and GET /healthz")),
+    }
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::trim)
+    };
+    let has_token = |name: &str, token: &str| {
+        header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
+        return Err(Refusal::new(426, "upgrade_required", "GET /ws needs a WebSocket upgrade"));
+    }
+    if header("sec-websocket-version") != Some("13") {
+        return Err(Refusal::new(426, "upgrade_required", "Sec-WebSocket-Version must be 13"));
+    }
+    let key = header("sec-websocket-key")
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| Refusal::new(400, "bad_request", "Sec-WebSocket-Key is missing"))?;
+    let bearer = header("authorization").and_then(|v| {
+        let (scheme, token) = v.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string())
+    });
+    let mut up = UpgradeRequest {
+        accept_key: accept_key(key),
+        query_user: None,
+        query_token: None,
+        bearer,
+        since: None,
+        epoch: None,
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v =
+            percent_decode(v).ok_or_else(|| Refusal::new(400, "bad_request", "malformed query string"))?;
+        match k {
+            "user" => up.query_user = Some(v),
+            "token" => up.query_token = Some(v),
+            "epoch" => up.epoch = Some(v),
+            "since" => {
+                up.since =
+                    Some(v.parse().map_err(|_| {
+                        Refusal::new(400, "bad_request", "since must be a non-negative integer")
+                    })?)
+            }
+            _ => {}
+        }
+    }
+    Ok(Parsed::Upgrade(up))
+}
+
+fn accept_key(key: &str) -> String {
+    let mut h = Sha1::new();
+    h.update(key.as_bytes());
+    h.update(WS_GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(h.finalize())
+}
+
+/// Decodes `%XX` escapes and `+`; `None` on a malformed escape or non-UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = b.get(i + 1..i + 3)?;
+                let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+                out.push(v);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+type HandOverError = Box<(TcpStream, Refusal)>;
+
+/// Authenticates and hands the socket to its shard; on refusal gives the socket back.
+async fn hand_over(
+    stream: TcpStream,
+    shared: &Shared,
+    up: UpgradeRequest,
+    leftover: Bytes,
+) -> Result<(), HandOverError> {
+    let creds = Credentials {
+        query_user: up.query_user.as_deref(),
+        query_token: up.query_token.as_deref(),
+        bearer: up.bearer.as_deref(),
+    };
+    let user = match shared.auth.authenticate(&creds) {
+        Ok(u) => u,
+        Err(AuthError::Unauthorized(m)) => {
+            return Err(Box::new((stream, Refusal::new(401, "unauthorized", m))))
+        }
+        Err(e @ AuthError::BadUser) => {
+            return Err(Box::new((stream, Refusal::new(400, "invalid_user", e.to_string()))))
+        }
+    };
+    if !shared.try_acquire_connection() {
+        return Err(Box::new((
+            stream,
+            Refusal::new(503, "too_many_connections", "the broker is at --max-connections"),
+        )));
+    }
+    let response = Bytes::from(format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        up.accept_key
+    ));
+    let resume = up.since.map(|since| Resume { since, epoch: up.epoch });
+    let std_stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(_) => {
+            shared.release_connection();
+            return Ok(()); // the socket is unusable; nothing to answer on
+        }
+    };
+    let shard = shared.router.shard_for(&user);
+    let cmd = Command::Attach(Box::new(AttachCmd { user, stream: std_stream, response, leftover, resume }));
+    match shared.shards[shard].ring.push(cmd) {
+        Ok(()) => Ok(()),
+        Err((_, cmd)) => {
+            shared.release_connection();
+            crate::metrics::bump(&shared.shards[shard].metrics.ring_full, 1);
+            let Command::Attach(a) = cmd else { return Ok(()) };
+            let Ok(stream) = TcpStream::from_std(a.stream) else { return Ok(()) };
+            Err(Box::new((stream, Refusal::new(503, "overloaded", "shard is busy; retry shortly"))))
+        }
+    }
+}
+
+async fn respond(stream: &mut TcpStream, r: &Refusal) {
+    let body = serde_json::json!({"error": {"code": r.code, "message": r.message}}).to_string();
+    let extra: &[(&str, &str)] = if r.status == 503 { &[("Retry-After", "1")] } else { &[] };
+    let _ = write_response(stream, r.status, reason(r.status), extra, body.as_bytes()).await;
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+async fn write_response(
+    stream: &mut TcpStream,
+    status: u16,
+    reason: &str,
+    extra: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in extra {
+        head.push_str(k);
+        head.push_str(": ");
+        head.push_str(v);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upgrade(target: &str, extra: &str) -> Vec<u8> {
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn accept_key_matches_rfc_example() {
+        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn parses_upgrade_with_query() {
+        let Parsed::Upgrade(u) = parse_request(&upgrade("/ws?user=a%40b&since=5&epoch=e1", "")).unwrap()
+        else {
+            panic!("expected upgrade")
+        };
+        assert_eq!(u.query_user.as_deref(), Some("a@b"));
+        assert_eq!(u.since, Some(5));
+        assert_eq!(u.epoch.as_deref(), Some("e1"));
+    }
+
+    #[test]
+    fn bearer_header_is_read() {
+        let Parsed::Upgrade(u) = parse_request(&upgrade("/ws", "Authorization: Bearer abc.def\r\n")).unwrap()
+        else {
+            panic!("expected upgrade")
+        };
+        assert_eq!(u.bearer.as_deref(), Some("abc.def"));
+    }
+
+    #[test]
+    fn refusals() {
+        assert_eq!(parse_request(b"GET /nope HTTP/1.1\r\n\r\n").unwrap_err().status, 404);
+        assert_eq!(parse_request(b"POST /ws HTTP/1.1\r\n\r\n").unwrap_err().status, 405);
+        assert_eq!(parse_request(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err().status, 426);
+        assert_eq!(parse_request(b"\x00\x01garbage\r\n\r\n").unwrap_err().status, 400);
+        assert_eq!(parse_request(&upgrade("/ws?since=-1", "")).unwrap_err().status, 400);
+        assert!(matches!(parse_request(b"GET /healthz HTTP/1.1\r\n\r\n"), Ok(Parsed::Health)));
+    }
+}

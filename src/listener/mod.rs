@@ -1,0 +1,6 @@
+//! The two listeners: `client` (GET /ws, /healthz; hands sockets to shards)
+//! and `api` (publishing, the publisher `stream`, operator endpoints).
+
+pub mod api;
+pub mod client;
+pub mod stream;

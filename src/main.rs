@@ -1,0 +1,52 @@
+//! The `switchyard` binary: flags → Config → start → run until a signal.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use switchyard::config::{Config, Flags, LogFormat};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    let flags = Flags::parse(); // exits 2 with a message naming the flag on bad values
+    init_logs(flags.log_format);
+    let config = match Config::from_flags(flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let hist_dir = config.hist_dir.clone();
+    let broker = match switchyard::start(config) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Err(e) = switchyard::signals::wait_for_shutdown(&broker) {
+        eprintln!("switchyard: cannot install signal handlers: {e}");
+        return ExitCode::from(1);
+    }
+    tracing::info!("shutting down: draining connections");
+    let latency = broker.shutdown();
+    if let Some(dir) = hist_dir {
+        if let Err(e) = switchyard::histdump::write_hgrm(&dir, &latency.all) {
+            tracing::error!(error = %e, "could not write the final histogram");
+        }
+    }
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}

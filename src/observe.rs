@@ -1,0 +1,284 @@
+//! Operator views: `/v1/stats` JSON, `/metrics` Prometheus text, and the
+//! merged latency histogram as `.hgrm` text.
+//!
+//! Shard-owned figures (gauges that need a walk, histograms) are requested
+//! through each shard's ring and merged here, so a shard is never stopped or
+//! locked to be observed; plain counters are read straight from the
+//! per-shard atomics.
+
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use tokio::sync::oneshot;
+
+use crate::broker::Shared;
+use crate::metrics::{read, Latency, Percentiles};
+use crate::protocol::Priority;
+use crate::shard::{Command, ShardSnapshot};
+
+/// Asks every shard for its snapshot (shards whose ring is full are skipped).
+pub async fn snapshots(shared: &Shared) -> Vec<ShardSnapshot> {
+    let mut rxs = Vec::new();
+    for s in shared.shards.iter() {
+        let (tx, rx) = oneshot::channel();
+        if s.ring.push(Command::Snapshot { reply: tx }).is_ok() {
+            rxs.push(rx);
+        }
+    }
+    let mut out = Vec::new();
+    for rx in rxs {
+        if let Ok(s) = rx.await {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// The merged latency histograms of every shard; `reset` clears them after reading.
+pub async fn merged_latency(shared: &Shared, reset: bool) -> Latency {
+    let mut rxs = Vec::new();
+    for s in shared.shards.iter() {
+        let (tx, rx) = oneshot::channel();
+        if s.ring.push(Command::Latency { reset, reply: tx }).is_ok() {
+            rxs.push(rx);
+        }
+    }
+    let mut merged = Latency::default();
+    for rx in rxs {
+        if let Ok(l) = rx.await {
+            merged.merge(&l);
+        }
+    }
+    merged
+}
+
+/// `GET /v1/stats`.
+pub async fn stats(shared: &Shared) -> serde_json::Value {
+    let snaps = snapshots(shared).await;
+    let lat = merged_latency(shared, false).await;
+    let mut shards = Vec::new();
+    let (mut published, mut delivered, mut shed) = (0, 0, [0u64; 3]);
+    let (mut calls, mut frames, mut evicted, mut slow) = (0, 0, 0, 0);
+    for h in shared.shards.iter() {
+        let m = &h.metrics;
+        let s_shed = [read(&m.shed[0]), read(&m.shed[1]), read(&m.shed[2])];
+        let snap = snaps.iter().find(|s| s.shard == h.id).cloned().unwrap_or_default();
+        published += read(&m.published);
+        delivered += read(&m.delivered);
+        calls += read(&m.write_calls);
+        frames += read(&m.frames_written);
+        evicted += read(&m.evicted);
+        slow += read(&m.slow_closed);
+        for (t, v) in shed.iter_mut().zip(s_shed) {
+            *t += v;
+        }
+        shards.push(serde_json::json!({
+            "shard": h.id,
+            "connections": read(&m.connections),
+            "users": read(&m.users),
+            "queued": snap.queued,
+            "max_queue_depth": snap.max_queue_depth,
+            "history_events": snap.history_events,
+            "published": read(&m.published),
+            "delivered": read(&m.delivered),
+            "shed": {"high": s_shed[0], "normal": s_shed[1], "low": s_shed[2]},
+            "ring_len": h.ring.len(),
+            "ring_capacity": h.ring.capacity(),
+            "ring_full": read(&m.ring_full),
+            "write_calls": read(&m.write_calls),
+            "frames_written": read(&m.frames_written),
+        }));
+    }
+    let by_priority: serde_json::Map<_, _> = Priority::ALL
+        .iter()
+        .map(|p| {
+            (
+                p.as_str().to_string(),
+                serde_json::to_value(Percentiles::of(&lat.by_priority[p.index()])).unwrap_or_default(),
+            )
+        })
+        .collect();
+    serde_json::json!({
+        "connections": shared.live_connections(),
+        "users": shared.shards.iter().map(|h| read(&h.metrics.users)).sum::<u64>(),
+        "shards": shards,
+        "events": {
+            "published": published,
+            "delivered": delivered,
+            "shed": shed.iter().sum::<u64>(),
+            "shed_by_priority": {"high": shed[0], "normal": shed[1], "low": shed[2]},
+        },
+        "evicted": evicted,
+        "slow_consumers_closed": slow,
+        "write_calls": calls,
+        "frames_written": frames,
+        "frames_per_write": if calls == 0 { 0.0 } else { frames as f64 / calls as f64 },
+        "latency_us": Percentiles::of(&lat.all),
+        "latency_us_by_priority": by_priority,
+    })
+}
+
+/// `GET /metrics`: Prometheus text exposition format 0.0.4.
+pub async fn prometheus(shared: &Shared) -> String {
+    let snaps = snapshots(shared).await;
+    let lat = merged_latency(shared, false).await;
+    let mut out = String::with_capacity(4096);
+    let shards = &shared.shards;
+    let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP switchyard_{name} {help}");
+        let _ = writeln!(out, "# TYPE switchyard_{name} {kind}");
+        for (labels, v) in rows {
+            let _ = writeln!(out, "switchyard_{name}{labels} {v}");
+        }
+    };
+    let per_shard = |f: &dyn Fn(&crate::metrics::ShardMetrics) -> u64| -> Vec<(String, f64)> {
+        shards.iter().map(|h| (format!("{{shard=\"{}\"}}", h.id), f(&h.metrics) as f64)).collect()
+    };
+    family("connections", "gauge", "Live client connections.", per_shard(&|m| read(&m.connections)));
+    family("users", "gauge", "Users with state (seq, history) held.", per_shard(&|m| read(&m.users)));
+    family("events_published_total", "counter", "Events assigned a seq.", per_shard(&|m| read(&m.published)));
+    family(
+        "events_delivered_total",
+        "counter",
+        "Event frames written to client sockets.",
+        per_shard(&|m| read(&m.delivered)),
+    );
+    let mut shed_rows = Vec::new();
+    for h in shards.iter() {
+        for p in Priority::ALL {
+            shed_rows.push((
+                format!("{{shard=\"{}\",priority=\"{}\"}}", h.id, p.as_str()),
+                read(&h.metrics.shed[p.index()]) as f64,
+            ));
+        }
+    }
+    family("events_shed_total", "counter", "Events shed by the slow-consumer policy.", shed_rows);
+    family(
+        "evictions_total",
+        "counter",
+        "Connections evicted at the per-user limit (4001).",
+        per_shard(&|m| read(&m.evicted)),
+    );
+    family(
+        "slow_consumer_closes_total",
+        "counter",
+        "Connections closed with 1013.",
+        per_shard(&|m| read(&m.slow_closed)),
+    );
+    family(
+        "ring_full_total",
+        "counter",
+        "Commands refused because a shard ring was full.",
+        per_shard(&|m| read(&m.ring_full)),
+    );
+    family("write_calls_total", "counter", "Vectored socket writes.", per_shard(&|m| read(&m.write_calls)));
+    family(
+        "frames_written_total",
+        "counter",
+        "Frames carried by those writes.",
+        per_shard(&|m| read(&m.frames_written)),
+    );
+    family(
+        "queue_depth",
+        "gauge",
+        "Event frames queued on client connections.",
+        snaps.iter().map(|s| (format!("{{shard=\"{}\"}}", s.shard), s.queued as f64)).collect(),
+    );
+    family(
+        "api_errors_total",
+        "counter",
+        "API error responses by HTTP status (0 = other).",
+        shared.api_errors.statuses().map(|(s, v)| (format!("{{status=\"{s}\"}}"), v as f64)).collect(),
+    );
+    family(
+        "publish_item_errors_total",
+        "counter",
+        "Rejected publish items in batches and streams, by code.",
+        shared.api_errors.codes().map(|(c, v)| (format!("{{code=\"{c}\"}}"), v as f64)).collect(),
+    );
+    let mut rows = Vec::new();
+    for p in Priority::ALL {
+        let h = &lat.by_priority[p.index()];
+        for q in [0.5, 0.9, 0.99, 0.999] {
+            rows.push((
+                format!("{{priority=\"{}\",quantile=\"{q}\"}}", p.as_str()),
+                h.value_at_quantile(q) as f64 / 1e6,
+            ));
+        }
+    }
+    let _ = writeln!(out, "# HELP switchyard_latency_seconds Publish accepted to frame written.");
+    let _ = writeln!(out, "# TYPE switchyard_latency_seconds summary");
+    for (labels, v) in rows {
+        let _ = writeln!(out, "switchyard_latency_seconds{labels} {v}");
+    }
+    for p in Priority::ALL {
+        let h = &lat.by_priority[p.index()];
+        let sum: f64 =
+            h.iter_recorded().map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64).sum();
+        let _ = writeln!(out, "switchyard_latency_seconds_sum{{priority=\"{}\"}} {}", p.as_str(), sum / 1e6);
+        let _ = writeln!(out, "switchyard_latency_seconds_count{{priority=\"{}\"}} {}", p.as_str(), h.len());
+    }
+    out
+}
+
+/// `GET /debug/histograms`: merged latency as `.hgrm` text.
+pub async fn hgrm_text(shared: &Shared, reset: bool) -> String {
+    let lat = merged_latency(shared, reset).await;
+    hgrm(&lat.all)
+}
+
+/// Formats `h` (µs) as HdrHistogram's percentile distribution text (`.hgrm`),
+/// the format `outputPercentileDistribution` prints and plotters read.
+pub fn hgrm(h: &Histogram<u64>) -> String {
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "{:>12} {:>14} {:>10} {:>14}\n\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
+    if h.is_empty() {
+        let _ = writeln!(out, "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]", 0.0, 0.0);
+        let _ = writeln!(out, "#[Max     = {:>12.3}, Total count    = {:>12}]", 0.0, 0);
+        let _ = writeln!(out, "#[Buckets = {:>12}, SubBuckets     = {:>12}]", h.buckets(), sub_buckets(h));
+        return out;
+    }
+    let mut total = 0u64;
+    for v in h.iter_quantiles(5) {
+        total += v.count_since_last_iteration();
+        let q = v.quantile_iterated_to();
+        let value = h.highest_equivalent(v.value_iterated_to()) as f64;
+        if q < 1.0 {
+            let _ = writeln!(out, "{:>12.3} {:>2.12} {:>10} {:>14.2}", value, q, total, 1.0 / (1.0 - q));
+        } else {
+            let _ = writeln!(out, "{:>12.3} {:>2.12} {:>10}", value, q, total);
+        }
+    }
+    let _ = writeln!(out, "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]", h.mean(), h.stdev());
+    let _ = writeln!(out, "#[Max     = {:>12.3}, Total count    = {:>12}]", h.max() as f64, h.len());
+    let _ = writeln!(out, "#[Buckets = {:>12}, SubBuckets     = {:>12}]", h.buckets(), sub_buckets(h));
+    out
+}
+
+/// HdrHistogram's sub-bucket count for the histogram's precision.
+fn sub_buckets(h: &Histogram<u64>) -> u64 {
+    let largest = 2 * 10u64.pow(u32::from(h.sigfig()));
+    largest.next_power_of_two()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hgrm_has_header_rows_and_footer() {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).unwrap();
+        for v in 1..=1000u64 {
+            h.record(v).unwrap();
+        }
+        let text = hgrm(&h);
+        assert!(text.starts_with("       Value     Percentile TotalCount 1/(1-Percentile)\n\n"));
+        assert!(text.contains("#[Max     =     1000.000, Total count    =         1000]"), "{text}");
+        let last_row = text.lines().rfind(|l| !l.starts_with('#')).unwrap();
+        assert!(last_row.contains("1.000000000000"), "{last_row}");
+    }
+}

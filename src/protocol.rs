@@ -1,0 +1,445 @@
+//! The wire vocabulary of switchyard: identifiers, priorities, the publish
+//! object publishers send, and the JSON frames clients receive.
+//!
+//! Everything that comes from the network is validated here, once, into typed
+//! values (`UserId`, `EventName`, `Priority`, [`PreparedEvent`]). Past this
+//! module nothing re-checks them. Outgoing event frames are encoded here exactly
+//! once per (user, seq) into a buffer that already carries the WebSocket header,
+//! so every connection of the user shares the same bytes.
+//!
+//! This module owns no state and touches no other module's state.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use simd_json::prelude::*;
+use simd_json::BorrowedValue;
+use thiserror::Error;
+
+use crate::redact::Redactor;
+use crate::wsframe;
+
+/// Longest user ID accepted, in bytes (contract §3).
+pub const MAX_USER_ID_LEN: usize = 128;
+/// Longest event name accepted, in bytes (contract §4).
+pub const MAX_EVENT_NAME_LEN: usize = 64;
+
+/// A validated user ID: 1–128 bytes of `[A-Za-z0-9._:@-]`.
+///
+/// Cheap to clone (`Arc<str>`): the shard's user map, every connection of the
+/// user and every in-flight command for the user share one allocation.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(Arc<str>);
+
+impl UserId {
+    /// Validates `raw` as a user ID.
+    pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
+        let ok = !raw.is_empty()
+            && raw.len() <= MAX_USER_ID_LEN
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'));
+        if ok {
+            Ok(UserId(Arc::from(raw)))
+        } else {
+            Err(InvalidInput::new("invalid_user", "user IDs are 1-128 bytes of [A-Za-z0-9._:@-]"))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Validates an event name: 1–64 bytes of `[A-Za-z0-9._:-]`.
+pub fn validate_event_name(raw: &str) -> Result<(), InvalidInput> {
+    let ok = !raw.is_empty()
+        && raw.len() <= MAX_EVENT_NAME_LEN
+        && raw.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidInput::new("invalid_event", "event names are 1-64 bytes of [A-Za-z0-9._:-]"))
+    }
+}
+
+/// Delivery priority of an event. The discriminant indexes per-priority arrays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Priority {
+    High = 0,
+    Normal = 1,
+    Low = 2,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
+        match raw {
+            "high" => Ok(Priority::High),
+            "normal" => Ok(Priority::Normal),
+            "low" => Ok(Priority::Low),
+            _ => Err(InvalidInput::new("invalid_priority", "priority must be one of high, normal, low")),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A rejected input: a stable machine-readable code and a human message.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("{message}")]
+pub struct InvalidInput {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl InvalidInput {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        InvalidInput { code, message: message.into() }
+    }
+}
+
+/// The part of an event that is the same for every target user: validated,
+/// redacted and with `data` serialised once. Shared by `Arc` across the
+/// commands of a multi-user publish or a broadcast.
+#[derive(Debug)]
+pub struct PreparedEvent {
+    pub name: Box<str>,
+    /// `data` as compact JSON text (`null` when absent).
+    pub data: Bytes,
+    pub priority: Priority,
+}
+
+/// Who a publish object addresses.
+#[derive(Debug)]
+pub enum Target {
+    One(UserId),
+    Many(Vec<UserId>),
+}
+
+/// A validated publish object.
+#[derive(Debug)]
+pub struct PublishRequest {
+    pub target: Target,
+    pub event: Arc<PreparedEvent>,
+}
+
+/// A validated broadcast object (a publish object without a target).
+#[derive(Debug)]
+pub struct BroadcastRequest {
+    pub event: Arc<PreparedEvent>,
+}
+
+/// Most users one publish object may address.
+pub const MAX_USERS_PER_PUBLISH: usize = 1000;
+
+/// Parses and validates one publish object from `raw` (which simd-json
+/// parses in place, hence `&mut`).
+pub fn parse_publish(raw: &mut [u8], redactor: &Redactor) -> Result<PublishRequest, InvalidInput> {
+    let mut value = parse_json(raw)?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| InvalidInput::new("invalid_json", "a publish object must be a JSON object"))?;
+    let target = match (obj.get("user"), obj.get("users")) {
+        (Some(_), Some(_)) => {
+            return Err(InvalidInput::new("invalid_user", "give either \"user\" or \"users\", not both"))
+        }
+        (Some(u), None) => Target::One(UserId::parse(
+            u.as_str().ok_or_else(|| InvalidInput::new("invalid_user", "\"user\" must be a string"))?,
+        )?),
+        (None, Some(list)) => Target::Many(parse_user_list(list)?),
+        (None, None) => {
+            return Err(InvalidInput::new("missing_field", "a publish object needs \"user\" or \"users\""))
+        }
+    };
+    let event = prepare_event(&mut value, redactor)?;
+    Ok(PublishRequest { target, event })
+}
+
+/// Parses and validates a broadcast object.
+pub fn parse_broadcast(raw: &mut [u8], redactor: &Redactor) -> Result<BroadcastRequest, InvalidInput> {
+    let mut value = parse_json(raw)?;
+    if value.as_object().is_none() {
+        return Err(InvalidInput::new("invalid_json", "a broadcast object must be a JSON object"));
+    }
+    Ok(BroadcastRequest { event: prepare_event(&mut value, redactor)? })
+}
+
+fn parse_json(raw: &mut [u8]) -> Result<BorrowedValue<'_>, InvalidInput> {
+    simd_json::to_borrowed_value(raw)
+        .map_err(|e| InvalidInput::new("invalid_json", format!("invalid JSON: {e}")))
+}
+
+fn parse_user_list(list: &BorrowedValue<'_>) -> Result<Vec<UserId>, InvalidInput> {
+    let arr = list
+        .as_array()
+        .ok_or_else(|| InvalidInput::new("invalid_user", "\"users\" must be an array of strings"))?;
+    if arr.is_empty() || arr.len() > MAX_USERS_PER_PUBLISH {
+        return Err(InvalidInput::new(
+            "invalid_user",
+            format!("\"users\" must hold 1-{MAX_USERS_PER_PUBLISH} user IDs"),
+        ));
+    }
+    let mut users = Vec::with_capacity(arr.len());
+    for u in arr.iter() {
+        let s = u
+            .as_str()
+            .ok_or_else(|| InvalidInput::new("invalid_user", "\"users\" must be an array of strings"))?;
+        let id = UserId::parse(s)?;
+        if !users.contains(&id) {
+            users.push(id);
+        }
+    }
+    Ok(users)
+}
+
+/// Validates `event`, `priority` and `data`, redacts `data` and serialises it.
+fn prepare_event(
+    value: &mut BorrowedValue<'_>,
+    redactor: &Redactor,
+) -> Result<Arc<PreparedEvent>, InvalidInput> {
+    let obj =
+        value.as_object_mut().ok_or_else(|| InvalidInput::new("invalid_json", "expected a JSON object"))?;
+    let name = match obj.get("event") {
+        Some(v) => {
+            v.as_str().ok_or_else(|| InvalidInput::new("invalid_event", "\"event\" must be a string"))?
+        }
+        None => return Err(InvalidInput::new("missing_field", "\"event\" is required")),
+    };
+    validate_event_name(name)?;
+    let name: Box<str> = name.into();
+    let priority = match obj.get("priority") {
+        None => Priority::Normal,
+        Some(v) => Priority::parse(
+            v.as_str()
+                .ok_or_else(|| InvalidInput::new("invalid_priority", "\"priority\" must be a string"))?,
+        )?,
+    };
+    let data = match obj.get_mut("data") {
+        None => Bytes::from_static(b"null"),
+        Some(d) => {
+            redactor.redact(d);
+            let mut out = Vec::with_capacity(64);
+            d.write(&mut out)
+                .map_err(|e| InvalidInput::new("invalid_json", format!("cannot encode data: {e}")))?;
+            Bytes::from(out)
+        }
+    };
+    Ok(Arc::new(PreparedEvent { name, data, priority }))
+}
+
+/// Encodes an `event` frame (WebSocket header included) for one user and seq.
+///
+/// One allocation, sized exactly; the result is shared by all of the user's
+/// connections and by the user's history.
+pub fn encode_event_frame(seq: u64, ev: &PreparedEvent, ts_ms: u64) -> Bytes {
+    let mut seq_buf = itoa::Buffer::new();
+    let seq_s = seq_buf.format(seq);
+    let mut ts_buf = itoa::Buffer::new();
+    let ts_s = ts_buf.format(ts_ms);
+    let parts: [&[u8]; 11] = [
+        b"{\"type\":\"event\",\"seq\":",
+        seq_s.as_bytes(),
+        b",\"event\":\"",
+        ev.name.as_bytes(),
+        b"\",\"data\":",
+        &ev.data,
+        b",\"priority\":\"",
+        ev.priority.as_str().as_bytes(),
+        b"\",\"ts\":",
+        ts_s.as_bytes(),
+        b"}",
+    ];
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = Vec::with_capacity(len + wsframe::MAX_HEADER_LEN);
+    wsframe::put_header(&mut out, wsframe::OP_TEXT, len);
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    Bytes::from(out)
+}
+
+/// The `welcome` frame a connection receives first.
+pub struct Welcome<'a> {
+    pub user: &'a UserId,
+    pub conn: &'a str,
+    pub epoch: &'a str,
+    pub seq: u64,
+    pub recovered: Option<bool>,
+    pub ping_ms: u64,
+}
+
+/// Encodes the `welcome` frame, WebSocket header included.
+pub fn encode_welcome(w: &Welcome<'_>) -> Bytes {
+    let mut v = serde_json::json!({
+        "type": "welcome",
+        "user": w.user.as_str(),
+        "conn": w.conn,
+        "epoch": w.epoch,
+        "seq": w.seq,
+        "ping_ms": w.ping_ms,
+    });
+    if let Some(r) = w.recovered {
+        v["recovered"] = serde_json::Value::Bool(r);
+    }
+    wsframe::text_frame(v.to_string().as_bytes())
+}
+
+/// Encodes a `pong` answer to an application-level ping.
+pub fn encode_pong(id: &serde_json::Value) -> Bytes {
+    let v = serde_json::json!({"type": "pong", "id": id});
+    wsframe::text_frame(v.to_string().as_bytes())
+}
+
+/// Encodes an `error` frame sent to a client that sent something we do not accept.
+pub fn encode_client_error(code: &str, message: &str) -> Bytes {
+    let v = serde_json::json!({"type": "error", "code": code, "message": message});
+    wsframe::text_frame(v.to_string().as_bytes())
+}
+
+/// What a client may send us, decoded.
+#[derive(Debug, PartialEq)]
+pub enum ClientMessage {
+    Ping(serde_json::Value),
+}
+
+/// Decodes one complete text message from a client.
+pub fn parse_client_message(text: &[u8]) -> Result<ClientMessage, InvalidInput> {
+    let v: serde_json::Value = serde_json::from_slice(text)
+        .map_err(|_| InvalidInput::new("bad_request", "frames must be JSON objects"))?;
+    match v.get("type").and_then(|t| t.as_str()) {
+        Some("ping") => Ok(ClientMessage::Ping(v.get("id").cloned().unwrap_or(serde_json::Value::Null))),
+        Some(other) => Err(InvalidInput::new(
+            "bad_request",
+            format!("unknown frame type {other:?}; only \"ping\" is accepted"),
+        )),
+        None => Err(InvalidInput::new("bad_request", "frames need a \"type\"; only \"ping\" is accepted")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redactor() -> Redactor {
+        Redactor::new(Vec::new())
+    }
+
+    #[test]
+    fn user_ids_follow_the_contract() {
+        assert!(UserId::parse("u1").is_ok());
+        assert!(UserId::parse("a.b_c:d@e-f").is_ok());
+        assert!(UserId::parse(&"x".repeat(128)).is_ok());
+        assert!(UserId::parse(&"x".repeat(129)).is_err());
+        assert!(UserId::parse("").is_err());
+        assert!(UserId::parse("a b").is_err());
+        assert!(UserId::parse("é").is_err());
+    }
+
+    #[test]
+    fn event_names_follow_the_contract() {
+        assert!(validate_event_name("tool_executing").is_ok());
+        assert!(validate_event_name(&"e".repeat(64)).is_ok());
+        assert!(validate_event_name(&"e".repeat(65)).is_err());
+        assert!(validate_event_name("a@b").is_err());
+        assert!(validate_event_name("").is_err());
+    }
+
+    #[test]
+    fn parses_a_full_publish_object() {
+        let mut raw =
+            br#"{"user":"u1","event":"agent_thinking","data":{"text":"hi"},"priority":"high"}"#.to_vec();
+        let p = parse_publish(&mut raw, &redactor()).unwrap();
+        assert!(matches!(p.target, Target::One(ref u) if u.as_str() == "u1"));
+        assert_eq!(&*p.event.name, "agent_thinking");
+        assert_eq!(p.event.priority, Priority::High);
+        assert_eq!(&p.event.data[..], br#"{"text":"hi"}"#);
+    }
+
+    #[test]
+    fn data_defaults_to_null_and_priority_to_normal() {
+        let mut raw = br#"{"users":["a","b","a"],"event":"e"}"#.to_vec();
+        let p = parse_publish(&mut raw, &redactor()).unwrap();
+        match p.target {
+            Target::Many(u) => assert_eq!(u.len(), 2),
+            _ => panic!("expected many"),
+        }
+        assert_eq!(&p.event.data[..], b"null");
+        assert_eq!(p.event.priority, Priority::Normal);
+    }
+
+    #[test]
+    fn rejects_bad_publish_objects() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"{", "invalid_json"),
+            (b"[]", "invalid_json"),
+            (br#"{"event":"e"}"#, "missing_field"),
+            (br#"{"user":"u"}"#, "missing_field"),
+            (br#"{"user":"u","event":"e","priority":"urgent"}"#, "invalid_priority"),
+            (br#"{"user":"bad user","event":"e"}"#, "invalid_user"),
+            (br#"{"user":"u","event":"bad event"}"#, "invalid_event"),
+            (br#"{"user":"u","users":["v"],"event":"e"}"#, "invalid_user"),
+            (br#"{"users":[],"event":"e"}"#, "invalid_user"),
+        ];
+        for (raw, code) in cases {
+            let mut buf = raw.to_vec();
+            let err = parse_publish(&mut buf, &redactor()).unwrap_err();
+            assert_eq!(err.code, *code, "input {:?}", String::from_utf8_lossy(raw));
+        }
+    }
+
+    #[test]
+    fn event_frame_is_a_complete_websocket_text_frame() {
+        let ev = PreparedEvent {
+            name: "tool_completed".into(),
+            data: Bytes::from_static(b"{\"ok\":true}"),
+            priority: Priority::Low,
+        };
+        let frame = encode_event_frame(42, &ev, 1_764_000_000_123);
+        assert_eq!(frame[0], 0x81);
+        let len = frame[1] as usize;
+        let body = &frame[2..];
+        assert_eq!(body.len(), len);
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(v["type"], "event");
+        assert_eq!(v["seq"], 42);
+        assert_eq!(v["event"], "tool_completed");
+        assert_eq!(v["data"]["ok"], true);
+        assert_eq!(v["priority"], "low");
+        assert_eq!(v["ts"], 1_764_000_000_123u64);
+    }
+
+    #[test]
+    fn client_messages() {
+        assert_eq!(
+            parse_client_message(br#"{"type":"ping","id":7}"#).unwrap(),
+            ClientMessage::Ping(serde_json::json!(7))
+        );
+        assert!(parse_client_message(br#"{"type":"subscribe"}"#).is_err());
+        assert!(parse_client_message(b"hello").is_err());
+    }
+}

@@ -1,0 +1,197 @@
+//! The publisher side of the data path, shared by every publish endpoint
+//! (`/v1/publish`, `/v1/publish/batch`, `/v1/broadcast`, `/v1/stream`):
+//! size-check → parse and validate → route → reserve ring room → push.
+//!
+//! Admission is all-or-nothing: room is reserved on every target shard's ring
+//! before anything is pushed, so a publish that gets 503 left no trace. The
+//! only waits are for the shards' replies; nothing here blocks a shard.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::oneshot;
+
+use crate::broker::Shared;
+use crate::metrics::bump;
+use crate::protocol::{self, InvalidInput, PreparedEvent, PublishRequest, Target, UserId};
+use crate::shard::{BroadcastOutcome, Command, Delivery, PublishCmd};
+
+/// Why a publish was not applied.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PublishError {
+    #[error("{0}")]
+    Invalid(#[from] InvalidInput),
+    #[error("publish object is {size} bytes; --max-payload is {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("the target shard is full; retry shortly")]
+    Overloaded,
+    #[error("the broker is shutting down")]
+    Unavailable,
+}
+
+impl PublishError {
+    pub fn status(&self) -> u16 {
+        match self {
+            PublishError::Invalid(_) => 400,
+            PublishError::TooLarge { .. } => 413,
+            PublishError::Overloaded | PublishError::Unavailable => 503,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            PublishError::Invalid(e) => e.code,
+            PublishError::TooLarge { .. } => "payload_too_large",
+            PublishError::Overloaded => "overloaded",
+            PublishError::Unavailable => "unavailable",
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"error": {"code": self.code(), "message": self.to_string()}})
+    }
+}
+
+/// Replies still to come from the shards.
+pub enum Pending {
+    One(Option<oneshot::Receiver<Delivery>>),
+    Many(Vec<(UserId, Option<oneshot::Receiver<Delivery>>)>),
+}
+
+/// The applied result of one publish object.
+pub enum Published {
+    One(Delivery),
+    Many(Vec<(UserId, Delivery)>),
+    /// Fire-and-forget: accepted, no reply requested.
+    Accepted,
+}
+
+impl Published {
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Published::One(d) => serde_json::json!({"seq": d.seq, "delivered": d.delivered}),
+            Published::Many(list) => serde_json::json!({
+                "results": list.iter().map(|(u, d)| serde_json::json!({
+                    "user": u.as_str(), "seq": d.seq, "delivered": d.delivered
+                })).collect::<Vec<_>>()
+            }),
+            Published::Accepted => serde_json::json!({"accepted": true}),
+        }
+    }
+}
+
+/// Unix time in milliseconds.
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Size-checks, parses and submits one raw publish object.
+pub fn submit_raw(shared: &Shared, raw: &[u8], want_reply: bool) -> Result<Pending, PublishError> {
+    let limit = shared.config.max_payload;
+    if raw.len() > limit {
+        return Err(PublishError::TooLarge { size: raw.len(), limit });
+    }
+    let mut buf = raw.to_vec();
+    let req = protocol::parse_publish(&mut buf, &shared.redactor)?;
+    submit(shared, req, want_reply)
+}
+
+/// Submits a validated publish.
+pub fn submit(shared: &Shared, req: PublishRequest, want_reply: bool) -> Result<Pending, PublishError> {
+    let accepted = Instant::now();
+    let ts_ms = unix_ms();
+    let many = matches!(req.target, Target::Many(_));
+    let users = match req.target {
+        Target::One(u) => vec![u],
+        Target::Many(us) => us,
+    };
+    let routes: Vec<usize> = users.iter().map(|u| shared.router.shard_for(u)).collect();
+    let mut counts = vec![0usize; shared.shards.len()];
+    for &s in &routes {
+        counts[s] += 1;
+    }
+    let mut permits = Vec::with_capacity(counts.len());
+    for (s, &n) in counts.iter().enumerate() {
+        if n == 0 {
+            permits.push(None);
+            continue;
+        }
+        match shared.shards[s].ring.reserve(n) {
+            Ok(p) => permits.push(Some(p)),
+            Err(_) => {
+                bump(&shared.shards[s].metrics.ring_full, 1);
+                return Err(PublishError::Overloaded);
+            }
+        }
+    }
+    let mut pending = Vec::with_capacity(users.len());
+    for (user, s) in users.into_iter().zip(routes) {
+        let (tx, rx) = if want_reply {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let cmd = Command::Publish(PublishCmd {
+            user: user.clone(),
+            event: req.event.clone(),
+            accepted,
+            ts_ms,
+            reply: tx,
+        });
+        if let Some(Some(p)) = permits.get_mut(s) {
+            p.push(cmd);
+        }
+        pending.push((user, rx));
+    }
+    if many {
+        Ok(Pending::Many(pending))
+    } else {
+        Ok(Pending::One(pending.pop().and_then(|(_, rx)| rx)))
+    }
+}
+
+/// Waits for the shards' replies.
+pub async fn resolve(p: Pending) -> Result<Published, PublishError> {
+    match p {
+        Pending::One(None) => Ok(Published::Accepted),
+        Pending::One(Some(rx)) => rx.await.map(Published::One).map_err(|_| PublishError::Unavailable),
+        Pending::Many(list) => {
+            let mut out = Vec::with_capacity(list.len());
+            for (user, rx) in list {
+                let Some(rx) = rx else { return Ok(Published::Accepted) };
+                out.push((user, rx.await.map_err(|_| PublishError::Unavailable)?));
+            }
+            Ok(Published::Many(out))
+        }
+    }
+}
+
+/// Sends one event to every user with a live connection, on every shard.
+pub async fn broadcast(shared: &Shared, event: Arc<PreparedEvent>) -> Result<BroadcastOutcome, PublishError> {
+    let accepted = Instant::now();
+    let ts_ms = unix_ms();
+    let mut permits = Vec::with_capacity(shared.shards.len());
+    for s in shared.shards.iter() {
+        match s.ring.reserve(1) {
+            Ok(p) => permits.push(p),
+            Err(_) => {
+                bump(&s.metrics.ring_full, 1);
+                return Err(PublishError::Overloaded);
+            }
+        }
+    }
+    let mut replies = Vec::with_capacity(permits.len());
+    for mut p in permits {
+        let (tx, rx) = oneshot::channel();
+        p.push(Command::Broadcast { event: event.clone(), accepted, ts_ms, reply: tx });
+        replies.push(rx);
+    }
+    let mut total = BroadcastOutcome::default();
+    for rx in replies {
+        let o = rx.await.map_err(|_| PublishError::Unavailable)?;
+        total.users += o.users;
+        total.delivered += o.delivered;
+    }
+    Ok(total)
+}

@@ -1,0 +1,129 @@
+//! Shards: per-core reactors that exclusively own users.
+//!
+//! Each shard is one OS thread running a current-thread tokio runtime. It owns
+//! its users' sequence counters, histories and connections (a slab); nothing it
+//! owns is touched by another thread. Everyone else talks to a shard only by
+//! pushing a [`Command`] into its [`Ring`]. Submodules: `ring` (the inbox),
+//! `reactor` (the loop that applies commands), `history` (per-user resume buffer).
+
+pub mod history;
+pub mod reactor;
+pub mod ring;
+
+use std::net::TcpStream as StdTcpStream;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::metrics::{Latency, ShardMetrics};
+use crate::protocol::{PreparedEvent, UserId};
+pub use ring::{Permit, Ring, RingFull};
+
+/// Result of publishing one event to one user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Delivery {
+    pub seq: u64,
+    /// Live connections the event was queued to.
+    pub delivered: u32,
+}
+
+/// One event for one user.
+pub struct PublishCmd {
+    pub user: UserId,
+    pub event: Arc<PreparedEvent>,
+    /// When the publish was accepted (latency starts here).
+    pub accepted: Instant,
+    /// Publish time, unix ms (the frame's `ts`).
+    pub ts_ms: u64,
+    pub reply: Option<oneshot::Sender<Delivery>>,
+}
+
+/// A resume request from `?since=&epoch=`.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub since: u64,
+    pub epoch: Option<String>,
+}
+
+/// An authenticated, validated upgrade handed over to the owning shard.
+pub struct AttachCmd {
+    pub user: UserId,
+    pub stream: StdTcpStream,
+    /// The `101 Switching Protocols` response, written first.
+    pub response: Bytes,
+    /// Bytes the listener read past the request head (already client frames).
+    pub leftover: Bytes,
+    pub resume: Option<Resume>,
+}
+
+/// Broadcast results from one shard.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BroadcastOutcome {
+    pub users: u64,
+    pub delivered: u64,
+}
+
+/// A user as seen by `GET /v1/users/{id}`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UserInfo {
+    pub user: String,
+    pub connections: usize,
+    pub seq: u64,
+    pub history: usize,
+    pub epoch: String,
+    /// Event frames queued on each of the user's connections.
+    pub queued: Vec<usize>,
+}
+
+/// A shard's figures for `/v1/stats` and `/metrics`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ShardSnapshot {
+    pub shard: usize,
+    pub connections: usize,
+    pub users: usize,
+    pub queued: usize,
+    pub max_queue_depth: usize,
+    pub history_events: usize,
+}
+
+/// Everything a shard can be asked to do.
+pub enum Command {
+    Publish(PublishCmd),
+    Broadcast {
+        event: Arc<PreparedEvent>,
+        accepted: Instant,
+        ts_ms: u64,
+        reply: oneshot::Sender<BroadcastOutcome>,
+    },
+    Attach(Box<AttachCmd>),
+    UserInfo {
+        user: UserId,
+        reply: oneshot::Sender<Option<UserInfo>>,
+    },
+    DropUser {
+        user: UserId,
+        reply: oneshot::Sender<usize>,
+    },
+    Snapshot {
+        reply: oneshot::Sender<ShardSnapshot>,
+    },
+    Latency {
+        reset: bool,
+        reply: oneshot::Sender<Box<Latency>>,
+    },
+}
+
+/// The shared face of a shard: its inbox and its counters.
+pub struct ShardHandle {
+    pub id: usize,
+    pub ring: Ring<Command>,
+    pub metrics: ShardMetrics,
+}
+
+impl ShardHandle {
+    pub fn new(id: usize, ring_capacity: usize) -> Self {
+        ShardHandle { id, ring: Ring::new(ring_capacity), metrics: ShardMetrics::default() }
+    }
+}

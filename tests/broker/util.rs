@@ -1,0 +1,214 @@
+//! Shared helpers: start a real broker on ephemeral loopback ports, talk to it
+//! with independent clients (tokio-tungstenite for WebSockets, hyper's client
+//! for HTTP). Every wait is bounded.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use switchyard::{Config, Running};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Upper bound for any single wait in the tests.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A broker running in this process on ephemeral loopback ports.
+pub struct TestBroker {
+    pub client: SocketAddr,
+    pub api: SocketAddr,
+    pub running: Option<Running>,
+    pub api_key: Option<String>,
+}
+
+impl TestBroker {
+    pub fn start() -> Self {
+        Self::with(|_| {})
+    }
+
+    pub fn with(f: impl FnOnce(&mut Config)) -> Self {
+        let mut cfg = Config::for_tests();
+        f(&mut cfg);
+        let api_key = cfg.api_key.clone();
+        let running = switchyard::start(cfg).expect("broker starts");
+        TestBroker { client: running.client_addr, api: running.api_addr, running: Some(running), api_key }
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws?{}", self.client, query)
+    }
+
+    /// Connects as `user` (dev mode) and returns the socket and its welcome frame.
+    pub async fn connect(&self, user: &str) -> (Ws, Value) {
+        self.connect_query(&format!("user={user}")).await
+    }
+
+    pub async fn connect_query(&self, query: &str) -> (Ws, Value) {
+        let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(self.ws_url(query)))
+            .await
+            .expect("connect in time")
+            .expect("upgrade accepted");
+        let welcome = next_json(&mut ws).await;
+        assert_eq!(welcome["type"], "welcome", "first frame is welcome: {welcome}");
+        (ws, welcome)
+    }
+
+    pub async fn post(&self, path: &str, body: impl Into<Bytes>) -> (u16, Value) {
+        self.request("POST", path, body.into(), self.api_key.as_deref()).await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.request("GET", path, Bytes::new(), self.api_key.as_deref()).await
+    }
+
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let (status, _, body) = http(self.api, "GET", path, Bytes::new(), self.api_key.as_deref()).await;
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        self.request("DELETE", path, Bytes::new(), self.api_key.as_deref()).await
+    }
+
+    pub async fn request(&self, method: &str, path: &str, body: Bytes, key: Option<&str>) -> (u16, Value) {
+        let (status, _, body) = http(self.api, method, path, body, key).await;
+        let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        (status, v)
+    }
+
+    /// Publishes one event and returns the response body (asserting 200).
+    pub async fn publish(&self, user: &str, event: &str, data: Value) -> Value {
+        let body = serde_json::json!({"user": user, "event": event, "data": data});
+        let (status, v) = self.post("/v1/publish", body.to_string()).await;
+        assert_eq!(status, 200, "publish failed: {v}");
+        v
+    }
+
+    pub async fn publish_prio(&self, user: &str, prio: &str, data: Value) -> Value {
+        let body = serde_json::json!({"user": user, "event": "e", "data": data, "priority": prio});
+        let (status, v) = self.post("/v1/publish", body.to_string()).await;
+        assert_eq!(status, 200, "publish failed: {v}");
+        v
+    }
+
+    /// Shuts down and waits for the shards (off the async runtime).
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            tokio::task::spawn_blocking(move || r.shutdown()).await.expect("shutdown");
+        }
+    }
+}
+
+/// One HTTP/1.1 request with hyper's client. Returns status, headers, body.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Bytes,
+    key: Option<&str>,
+) -> (u16, hyper::HeaderMap, Bytes) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let req = req.body(Full::new(body)).expect("request builds");
+    let resp = tokio::time::timeout(WAIT, client.request(req))
+        .await
+        .expect("response in time")
+        .expect("http request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = tokio::time::timeout(WAIT, resp.into_body().collect())
+        .await
+        .expect("body in time")
+        .expect("body")
+        .to_bytes();
+    (status, headers, body)
+}
+
+/// Next text frame as JSON (protocol pings are answered by tungstenite and skipped).
+pub async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("stream open")
+            .expect("valid frame");
+        match msg {
+            Message::Text(t) => return serde_json::from_str(&t).expect("JSON frame"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// Reads `n` event frames.
+pub async fn next_events(ws: &mut Ws, n: usize) -> Vec<Value> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let v = next_json(ws).await;
+        if v["type"] == "event" {
+            out.push(v);
+        }
+    }
+    out
+}
+
+/// Waits for the close frame and returns its code.
+pub async fn close_code(ws: &mut Ws) -> u16 {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next()).await.expect("close in time");
+        match msg {
+            Some(Ok(Message::Close(Some(CloseFrame { code, .. })))) => return u16::from(code),
+            Some(Ok(Message::Close(None))) => return 1005,
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("socket error before close frame: {e}"),
+            None => panic!("stream ended without a close frame"),
+        }
+    }
+}
+
+pub async fn send_text(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text.to_string())).await.expect("send");
+}
+
+pub fn close_frame(code: u16) -> Message {
+    Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: "".into() }))
+}
+
+/// Sends a raw HTTP request to the client listener; returns status and body.
+pub async fn raw_upgrade(addr: SocketAddr, path: &str, extra_headers: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra_headers}\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await.expect("response in time");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+/// Current unix time in seconds.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
