@@ -3,4 +3,9 @@
 
 mod util;
 
+mod api;
+mod auth;
+mod bad_input;
 mod core;
+mod limits;
+mod process;

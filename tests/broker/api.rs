@@ -1,0 +1,171 @@
+//! The publish API: `users`, batch (array and NDJSON), broadcast, the
+//! publisher stream with and without acks, and the API key.
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::util::*;
+
+#[tokio::test]
+async fn users_array_publishes_to_each() {
+    let b = TestBroker::with(|c| c.shards = 2);
+    let (mut a, _) = b.connect("alice").await;
+    let (mut c, _) = b.connect("carol").await;
+    let body = json!({"users": ["alice", "bob", "carol"], "event": "agent_started", "data": {"k": 1}});
+    let (status, v) = b.post("/v1/publish", body.to_string()).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["results"],
+        json!([
+            {"user": "alice", "seq": 1, "delivered": 1},
+            {"user": "bob", "seq": 1, "delivered": 0},
+            {"user": "carol", "seq": 1, "delivered": 1},
+        ])
+    );
+    assert_eq!(next_json(&mut a).await["data"]["k"], 1);
+    assert_eq!(next_json(&mut c).await["data"]["k"], 1);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn batch_array_with_one_bad_item() {
+    let b = TestBroker::start();
+    let (mut ws, _) = b.connect("u").await;
+    let body =
+        r#"[{"user":"u","event":"one"},{"user":"u","event":"bad name!"},{"user":"u","event":"three"}]"#;
+    let (status, v) = b.post("/v1/publish/batch", body).await;
+    assert_eq!(status, 200, "{v}");
+    let r = v["results"].as_array().unwrap();
+    assert_eq!(r.len(), 3);
+    assert_eq!(r[0], json!({"seq": 1, "delivered": 1}));
+    assert_eq!(r[1]["error"]["code"], "invalid_event");
+    assert_eq!(r[2], json!({"seq": 2, "delivered": 1}));
+    let evs = next_events(&mut ws, 2).await;
+    assert_eq!(evs[0]["event"], "one");
+    assert_eq!(evs[1]["event"], "three");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn batch_ndjson_with_one_bad_item() {
+    let b = TestBroker::start();
+    let body = "{\"user\":\"n\",\"event\":\"a\"}\n{not json\n{\"user\":\"n\",\"event\":\"b\",\"priority\":\"low\"}\n";
+    let (status, v) = b.post("/v1/publish/batch", body).await;
+    assert_eq!(status, 200, "{v}");
+    let r = v["results"].as_array().unwrap();
+    assert_eq!(r[0]["seq"], 1);
+    assert_eq!(r[1]["error"]["code"], "invalid_json");
+    assert_eq!(r[2]["seq"], 2);
+    let (_, info) = b.get("/v1/users/n").await;
+    assert_eq!(info["history"], 2);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn batch_refuses_a_malformed_array_and_too_many_items() {
+    let b = TestBroker::start();
+    let (status, v) = b.post("/v1/publish/batch", "[{\"user\":\"u\"").await;
+    assert_eq!(status, 400);
+    assert_eq!(v["error"]["code"], "invalid_json");
+    let many = format!("[{}]", vec![r#"{"user":"u","event":"e"}"#; 1001].join(","));
+    let (status, v) = b.post("/v1/publish/batch", many).await;
+    assert_eq!(status, 400);
+    assert_eq!(v["error"]["code"], "too_many_items");
+    let (_, info) = b.get("/v1/users/u").await;
+    assert_eq!(info["seq"], 0, "nothing applied");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn broadcast_reaches_every_connected_user() {
+    let b = TestBroker::with(|c| c.shards = 3);
+    let mut socks = Vec::new();
+    for i in 0..6 {
+        let (ws, _) = b.connect(&format!("b{i}")).await;
+        socks.push(ws);
+    }
+    let (_extra, _) = b.connect("b0").await;
+    b.publish("offline", "e", Value::Null).await; // has state, no connection
+    let (status, v) =
+        b.post("/v1/broadcast", json!({"event": "maintenance", "data": {"in": "5m"}}).to_string()).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v, json!({"users": 6, "delivered": 7}));
+    for ws in socks.iter_mut() {
+        let ev = next_json(ws).await;
+        assert_eq!(ev["event"], "maintenance");
+        assert_eq!(ev["seq"], 1);
+    }
+    b.stop().await;
+}
+
+async fn stream(b: &TestBroker, query: &str) -> Ws {
+    let url = format!("ws://{}/v1/stream{}", b.api, query);
+    let mut req = url.into_client_request().unwrap();
+    if let Some(k) = &b.api_key {
+        req.headers_mut().insert("authorization", format!("Bearer {k}").parse().unwrap());
+    }
+    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req)).await.unwrap().unwrap();
+    ws
+}
+
+#[tokio::test]
+async fn stream_with_acks() {
+    let b = TestBroker::start();
+    let (mut client, _) = b.connect("s").await;
+    let mut pubs = stream(&b, "?acks=1").await;
+    let frame = "{\"user\":\"s\",\"event\":\"a\"}\n{\"user\":\"s\",\"event\":\"b\",\"priority\":\"nope\"}\n{\"user\":\"s\",\"event\":\"c\"}";
+    pubs.send(Message::text(frame)).await.unwrap();
+    let ack = next_json(&mut pubs).await;
+    assert_eq!(ack["type"], "ack");
+    let r = ack["results"].as_array().unwrap();
+    assert_eq!(r[0], json!({"seq": 1, "delivered": 1}));
+    assert_eq!(r[1]["error"]["code"], "invalid_priority");
+    assert_eq!(r[2], json!({"seq": 2, "delivered": 1}));
+    let evs = next_events(&mut client, 2).await;
+    assert_eq!((evs[0]["event"].clone(), evs[1]["event"].clone()), (json!("a"), json!("c")));
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn stream_without_acks_reports_only_failures() {
+    let b = TestBroker::start();
+    let (mut client, _) = b.connect("q").await;
+    let mut pubs = stream(&b, "").await;
+    for i in 0..50 {
+        pubs.send(Message::text(json!({"user": "q", "event": "tick", "data": i}).to_string())).await.unwrap();
+    }
+    pubs.send(Message::text("{\"user\":\"q\",\"event\":\"ok\"}\n{\"user\":\"q\"}")).await.unwrap();
+    let err = next_json(&mut pubs).await;
+    assert_eq!(err["type"], "error");
+    assert_eq!(err["code"], "missing_field");
+    assert_eq!(err["index"], 1);
+    let evs = next_events(&mut client, 51).await;
+    let seqs: Vec<u64> = evs.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=51).collect::<Vec<_>>());
+    assert_eq!(evs[50]["event"], "ok");
+    // No other frame came back on the publisher stream.
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(200), pubs.next()).await;
+    assert!(quiet.is_err(), "only failures are reported: {quiet:?}");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn api_key_is_required_when_set() {
+    let b = TestBroker::with(|c| c.api_key = Some("k3y".into()));
+    let body = bytes::Bytes::from(json!({"user": "u", "event": "e"}).to_string());
+    let (status, v) = b.request("POST", "/v1/publish", body.clone(), None).await;
+    assert_eq!(status, 401);
+    assert_eq!(v["error"]["code"], "unauthorized");
+    let (status, _) = b.request("POST", "/v1/publish", body.clone(), Some("wrong")).await;
+    assert_eq!(status, 401);
+    let (status, _) = b.request("GET", "/v1/stats", bytes::Bytes::new(), Some("k3y-longer")).await;
+    assert_eq!(status, 401);
+    let (status, v) = b.request("POST", "/v1/publish", body, Some("k3y")).await;
+    assert_eq!(status, 200, "{v}");
+    // The stream endpoint is behind the key too.
+    let url = format!("ws://{}/v1/stream", b.api);
+    assert!(tokio_tungstenite::connect_async(url).await.is_err());
+    b.stop().await;
+}

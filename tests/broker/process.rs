@@ -1,0 +1,114 @@
+//! The real binary: flags, refusals, and SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use serde_json::json;
+
+use crate::util::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+#[test]
+fn bad_flag_values_exit_2_naming_the_flag() {
+    for (args, flag) in [
+        (vec!["--ping-interval", "soon"], "--ping-interval"),
+        (vec!["--max-payload", "12GiB"], "--max-payload"),
+        (vec!["--listen", "nowhere"], "--listen"),
+        (vec!["--log-format", "xml"], "--log-format"),
+        (vec!["--history-size", "2048"], "--history-size"),
+    ] {
+        let out = Command::new(BIN).args(&args).output().expect("runs");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn env_vars_set_flags() {
+    let out = Command::new(BIN).env("SWITCHYARD_IDLE_TIMEOUT", "never").output().expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--idle-timeout"));
+}
+
+#[test]
+fn unsafe_exposure_is_refused_with_2() {
+    let out = Command::new(BIN).args(["--listen", "0.0.0.0:0"]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"));
+    let out = Command::new(BIN).args(["--api-listen", "0.0.0.0:0"]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--api-listen"));
+}
+
+#[test]
+fn help_documents_every_flag() {
+    let out = Command::new(BIN).arg("--help").output().expect("runs");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--listen", "--api-listen", "--jwt-secret", "--api-key", "--max-queue", "SWITCHYARD_LISTEN"]
+    {
+        assert!(help.contains(flag), "{flag} missing from --help");
+    }
+}
+
+/// Starts the binary with JSON logs; returns the child and its two addresses.
+fn spawn_binary(extra: &[&str]) -> (std::process::Child, String, String) {
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn broker");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                panic!("a log line that is not JSON: {line}");
+            };
+            if v["fields"]["message"] == "switchyard listening" {
+                let _ = tx.send((
+                    v["fields"]["client"].as_str().unwrap_or_default().to_string(),
+                    v["fields"]["api"].as_str().unwrap_or_default().to_string(),
+                ));
+            }
+        }
+    });
+    let (client, api) = rx.recv_timeout(WAIT).expect("broker logs its addresses");
+    (child, client, api)
+}
+
+#[tokio::test]
+async fn sigterm_closes_every_client_with_1001_and_exits_0() {
+    let (mut child, client, api) = spawn_binary(&["--shards", "2"]);
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let url = format!("ws://{client}/ws?user=t{i}");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
+        assert_eq!(next_json(&mut ws).await["type"], "welcome");
+        clients.push(ws);
+    }
+    // An event queued just before the signal is flushed before the close.
+    let api: std::net::SocketAddr = api.parse().unwrap();
+    let body = json!({"user": "t0", "event": "last"}).to_string();
+    let (status, _, _) = http(api, "POST", "/v1/publish", body.into(), None).await;
+    assert_eq!(status, 200);
+    let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(term.success());
+    assert_eq!(next_json(&mut clients[0]).await["event"], "last");
+    for ws in clients.iter_mut() {
+        assert_eq!(close_code(ws).await, 1001);
+    }
+    let pid = child.id();
+    let waited = tokio::time::timeout(WAIT, tokio::task::spawn_blocking(move || child.wait())).await;
+    let status = match waited {
+        Ok(Ok(Ok(s))) => Some(s),
+        _ => {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            None
+        }
+    };
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "exit status after SIGTERM");
+}
