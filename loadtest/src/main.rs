@@ -1,1 +1,706 @@
-fn main() {}
+//! `switchyard-load`: opens client connections and publisher streams against
+//! a running broker, publishes on an open-loop schedule, and checks every
+//! event (delivered to every connection of its user, to no one else, once,
+//! in order). Latency is measured from each event's *intended* send time, so
+//! a stalled broker cannot hide its stall (coordinated omission, as wrk2).
+
+use std::io::IsTerminal;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Parser, Subcommand};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use switchyard_load::check::{ConnCheck, Totals};
+use switchyard_load::trace::{self, Planned, TraceEvent};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+#[derive(Parser)]
+#[command(name = "switchyard-load", version, about = "Load generator and delivery checker for switchyard")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Publish at a fixed rate to random users and check every delivery.
+    Run(RunArgs),
+    /// Replay a recorded trace across many users and check every delivery.
+    Replay(ReplayArgs),
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// The broker's client listener.
+    #[arg(long, default_value = "ws://127.0.0.1:8080")]
+    target: String,
+    /// The broker's API listener.
+    #[arg(long, default_value = "http://127.0.0.1:8081")]
+    api: String,
+    /// Mint HS256 client tokens with this secret (else dev mode, ?user=).
+    #[arg(long)]
+    jwt_secret: Option<String>,
+    #[arg(long)]
+    api_key: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    users: usize,
+    #[arg(long, default_value_t = 1)]
+    conns_per_user: usize,
+    /// Publisher streams (/v1/stream).
+    #[arg(long, default_value_t = 2)]
+    publishers: usize,
+    /// Reconnects per second across all connections; each resumes with since.
+    #[arg(long, default_value_t = 0.0)]
+    churn: f64,
+    /// Fraction of connections that read slowly (their shed events do not fail the run).
+    #[arg(long, default_value_t = 0.0)]
+    slow_readers: f64,
+    /// Spread client sockets over this many loopback source addresses (127.0.0.1..N).
+    #[arg(long, default_value_t = 1)]
+    source_ips: u8,
+    /// How long to wait for the last deliveries after publishing ends.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    drain: Duration,
+    /// Write the latency distribution (.hgrm).
+    #[arg(long)]
+    hgrm: Option<PathBuf>,
+    /// Write a JSON summary.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Client runtime threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Events per second, or `max`.
+    #[arg(long, default_value = "1000")]
+    rate: String,
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Bytes of data per event.
+    #[arg(long, default_value_t = 128)]
+    payload: usize,
+    /// Share of high:normal:low events, e.g. 1:8:1.
+    #[arg(long, default_value = "0:1:0")]
+    priority_mix: String,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The trace to replay (see loadtest/traces/README.md).
+    trace: PathBuf,
+    /// Time scaling: 2 replays twice as fast.
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
+    /// Users start at random offsets within this window.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    stagger: Duration,
+}
+
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (n, unit) = raw.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("{raw:?} is not a duration (500ms, 3s, 1m)"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("unknown unit in {raw:?}")),
+    }
+}
+
+/// What to publish, in time order.
+enum Plan {
+    Rate { per_sec: Option<f64>, duration: Duration, payload: usize, mix: [u32; 3] },
+    Trace { events: Vec<TraceEvent>, planned: Vec<Planned> },
+}
+
+const PRIORITIES: [&str; 3] = ["high", "normal", "low"];
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let (common, plan) = match cli.cmd {
+        Cmd::Run(a) => {
+            let per_sec = if a.rate == "max" {
+                None
+            } else {
+                let r: f64 = a.rate.parse().map_err(|_| anyhow!("--rate must be a number or max"))?;
+                if r <= 0.0 {
+                    bail!("--rate must be positive");
+                }
+                Some(r)
+            };
+            let mix = parse_mix(&a.priority_mix)?;
+            (a.common, Plan::Rate { per_sec, duration: a.duration, payload: a.payload, mix })
+        }
+        Cmd::Replay(a) => {
+            let text = std::fs::read_to_string(&a.trace)
+                .with_context(|| format!("reading trace {}", a.trace.display()))?;
+            let events = trace::parse(&text)?;
+            let planned = trace::schedule(&events, a.common.users, a.speed, a.stagger, 42);
+            (a.common, Plan::Trace { events, planned })
+        }
+    };
+    if common.users == 0 || common.conns_per_user == 0 || common.publishers == 0 {
+        bail!("--users, --conns-per-user and --publishers must be positive");
+    }
+    raise_fd_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(common.threads.max(1))
+        .enable_all()
+        .build()?;
+    let ok = rt.block_on(run(common, plan))?;
+    if !ok {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn parse_mix(raw: &str) -> anyhow::Result<[u32; 3]> {
+    let parts: Vec<u32> = raw
+        .split(':')
+        .map(|p| p.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|_| anyhow!("--priority-mix is high:normal:low weights, e.g. 1:8:1"))?;
+    match parts[..] {
+        [h, n, l] if h + n + l > 0 => Ok([h, n, l]),
+        _ => bail!("--priority-mix is high:normal:low weights, e.g. 1:8:1"),
+    }
+}
+
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Shared run state.
+struct Run {
+    common: Common,
+    start: Instant,
+    /// Events the broker accepted, per user.
+    sent: Vec<AtomicU64>,
+    received: AtomicU64,
+    stop: AtomicBool,
+    resumes: AtomicU64,
+    resume_failed: AtomicU64,
+    latency_tx: flume::Sender<Vec<u64>>,
+}
+
+fn user_name(i: usize) -> String {
+    format!("load-{i}")
+}
+
+async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
+    let target = common.target.trim_end_matches('/').to_string();
+    let api = common.api.trim_end_matches('/').to_string();
+    let (latency_tx, latency_rx) = flume::unbounded::<Vec<u64>>();
+    let run = Arc::new(Run {
+        sent: (0..common.users).map(|_| AtomicU64::new(0)).collect(),
+        received: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        resumes: AtomicU64::new(0),
+        resume_failed: AtomicU64::new(0),
+        latency_tx,
+        start: Instant::now(),
+        common: common.clone(),
+    });
+    let collector = tokio::spawn(async move {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds");
+        while let Ok(batch) = latency_rx.recv_async().await {
+            for v in batch {
+                let _ = h.record(v.clamp(1, 3_600_000_000));
+            }
+        }
+        h
+    });
+
+    let shed_before = broker_shed(&api, common.api_key.as_deref()).await?;
+
+    // Connect every client before publishing.
+    let total_conns = common.users * common.conns_per_user;
+    let slow_every =
+        if common.slow_readers > 0.0 { (1.0 / common.slow_readers).round().max(1.0) as usize } else { 0 };
+    let mut conn_tasks = Vec::with_capacity(total_conns);
+    let connect_start = Instant::now();
+    for i in 0..total_conns {
+        let user = i % common.users;
+        let slow = slow_every > 0 && i % slow_every == 0;
+        let (ws, welcome) = connect(&target, &common, user, i, None)
+            .await
+            .with_context(|| format!("connecting client {i}"))?;
+        conn_tasks.push(tokio::spawn(client_task(run.clone(), target.clone(), user, i, slow, ws, welcome)));
+    }
+    eprintln!("connected {total_conns} clients in {:.2}s", connect_start.elapsed().as_secs_f64());
+
+    // Publishers.
+    let mut pub_txs = Vec::new();
+    let mut pub_tasks = Vec::new();
+    for p in 0..common.publishers {
+        let (tx, rx) = flume::bounded::<Outgoing>(8192);
+        let ws = connect_stream(&api, common.api_key.as_deref())
+            .await
+            .with_context(|| format!("publisher {p}"))?;
+        pub_tasks.push(tokio::spawn(publisher_task(run.clone(), ws, rx)));
+        pub_txs.push(tx);
+    }
+
+    let publish_start = Instant::now();
+    let progress = tokio::spawn(progress_task(run.clone()));
+    let scheduled = schedule(&run, &plan, &pub_txs, publish_start).await;
+    drop(pub_txs);
+    for t in pub_tasks {
+        t.await??;
+    }
+    let publish_elapsed = publish_start.elapsed();
+
+    // Wait until every connection has what its user was sent, or the drain ends.
+    let expected: u64 = (0..total_conns).map(|i| run.sent[i % common.users].load(Ordering::Relaxed)).sum();
+    let drain_deadline = Instant::now() + common.drain;
+    while run.received.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let delivery_elapsed = publish_start.elapsed();
+    run.stop.store(true, Ordering::Relaxed);
+    progress.abort();
+
+    let mut totals = Totals::default();
+    for (i, t) in conn_tasks.into_iter().enumerate() {
+        let check = t.await?;
+        totals.add(&check, run.sent[i % common.users].load(Ordering::Relaxed));
+    }
+    totals.sent = run.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum();
+    totals.rejected = scheduled.saturating_sub(totals.sent);
+    totals.resumes = run.resumes.load(Ordering::Relaxed);
+    totals.resume_failed = run.resume_failed.load(Ordering::Relaxed);
+    let shed_after = broker_shed(&api, common.api_key.as_deref()).await?;
+    totals.settle(shed_after.saturating_sub(shed_before));
+    drop(run);
+    let hist = collector.await?;
+    report(&common, &totals, &hist, publish_elapsed, delivery_elapsed, &plan)?;
+    Ok(totals.ok())
+}
+
+/// One event handed to a publisher.
+struct Outgoing {
+    user: usize,
+    line: String,
+}
+
+fn event_line(user: usize, nonce: u64, intended_us: u64, event: &str, priority: &str, pad: usize) -> String {
+    json!({
+        "user": user_name(user),
+        "event": event,
+        "priority": priority,
+        "data": {"u": user_name(user), "n": nonce, "t": intended_us, "p": "x".repeat(pad)},
+    })
+    .to_string()
+}
+
+/// Feeds publishers on the open-loop schedule; returns events scheduled.
+async fn schedule(run: &Run, plan: &Plan, pubs: &[flume::Sender<Outgoing>], t0: Instant) -> u64 {
+    let users = run.common.users;
+    // Receivers measure against `run.start`; intended times are relative to `t0`.
+    let base_us = t0.duration_since(run.start).as_micros() as u64;
+    let mut nonce = 0u64;
+    let mut rng = fastrand::Rng::with_seed(7);
+    match plan {
+        Plan::Rate { per_sec, duration, payload, mix } => {
+            let total_w: u32 = mix.iter().sum();
+            loop {
+                let intended = match per_sec {
+                    Some(r) => Duration::from_secs_f64(nonce as f64 / r),
+                    None => t0.elapsed(),
+                };
+                if intended >= *duration {
+                    break;
+                }
+                wait_until(t0 + intended).await;
+                let user = rng.usize(..users);
+                let mut pick = rng.u32(..total_w);
+                let mut prio = 0;
+                while pick >= mix[prio] {
+                    pick -= mix[prio];
+                    prio += 1;
+                }
+                let intended_us = base_us + intended.as_micros() as u64;
+                let line = event_line(user, nonce, intended_us, "load", PRIORITIES[prio], *payload);
+                nonce += 1;
+                if pubs[user % pubs.len()].send_async(Outgoing { user, line }).await.is_err() {
+                    break;
+                }
+            }
+        }
+        Plan::Trace { events, planned } => {
+            for p in planned {
+                wait_until(t0 + p.at).await;
+                let ev = &events[p.event];
+                let intended_us = base_us + p.at.as_micros() as u64;
+                let line = event_line(p.user, nonce, intended_us, &ev.event, &ev.priority, ev.bytes);
+                nonce += 1;
+                if pubs[p.user % pubs.len()].send_async(Outgoing { user: p.user, line }).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    nonce
+}
+
+/// Sleeps until `at` if it is more than a millisecond away (else returns at once,
+/// so bursts are sent back to back and the publisher batches them).
+async fn wait_until(at: Instant) {
+    if at > Instant::now() + Duration::from_millis(1) {
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+/// One publisher stream: batches queued events into NDJSON frames, counts acks.
+async fn publisher_task(run: Arc<Run>, ws: Ws, rx: flume::Receiver<Outgoing>) -> anyhow::Result<()> {
+    let (mut sink, mut stream) = ws.split();
+    let (frames_tx, frames_rx) = flume::unbounded::<Vec<usize>>();
+    let acker_run = run.clone();
+    let acker = tokio::spawn(async move {
+        while let Ok(users) = frames_rx.recv_async().await {
+            let ack = loop {
+                match stream.next().await {
+                    Some(Ok(Message::Text(t))) => break serde_json::from_str::<Value>(&t)?,
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => bail!("publisher stream failed: {e}"),
+                    None => bail!("publisher stream closed"),
+                }
+            };
+            let results = ack["results"].as_array().ok_or_else(|| anyhow!("unexpected reply {ack}"))?;
+            for (u, r) in users.iter().zip(results) {
+                if r.get("seq").is_some() {
+                    acker_run.sent[*u].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    while let Ok(first) = rx.recv_async().await {
+        let mut users = vec![first.user];
+        let mut frame = first.line;
+        while users.len() < 1000 {
+            match rx.try_recv() {
+                Ok(o) => {
+                    frame.push('\n');
+                    frame.push_str(&o.line);
+                    users.push(o.user);
+                }
+                Err(_) => break,
+            }
+        }
+        sink.send(Message::text(frame)).await.context("publisher send")?;
+        frames_tx.send(users).map_err(|_| anyhow!("ack reader ended"))?;
+    }
+    drop(frames_tx);
+    acker.await??;
+    let _ = sink.close().await;
+    Ok(())
+}
+
+async fn connect_stream(api: &str, key: Option<&str>) -> anyhow::Result<Ws> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("{}/v1/stream?acks=1", api.replacen("http", "ws", 1));
+    let mut req = url.into_client_request()?;
+    if let Some(k) = key {
+        req.headers_mut().insert("authorization", format!("Bearer {k}").parse()?);
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+    Ok(ws)
+}
+
+fn mint_token(secret: &str, user: &str) -> anyhow::Result<String> {
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 3600;
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": user, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+/// Opens one client connection (optionally resuming) and reads its welcome.
+async fn connect(
+    target: &str,
+    common: &Common,
+    user: usize,
+    index: usize,
+    resume: Option<(u64, &str)>,
+) -> anyhow::Result<(Ws, Value)> {
+    let name = user_name(user);
+    let mut url = match &common.jwt_secret {
+        Some(s) => format!("{target}/ws?token={}", mint_token(s, &name)?),
+        None => format!("{target}/ws?user={name}"),
+    };
+    if let Some((since, epoch)) = resume {
+        url.push_str(&format!("&since={since}&epoch={epoch}"));
+    }
+    let host = target.trim_start_matches("ws://");
+    let addr: SocketAddr =
+        tokio::net::lookup_host(host).await?.next().ok_or_else(|| anyhow!("cannot resolve {host}"))?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    if common.source_ips > 1 {
+        let ip = Ipv4Addr::new(127, 0, 0, 1 + (index % common.source_ips as usize) as u8);
+        socket.bind(SocketAddr::new(IpAddr::V4(ip), 0))?;
+    }
+    let stream = socket.connect(addr).await?;
+    let _ = stream.set_nodelay(true);
+    let (mut ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await?;
+    let welcome = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => break serde_json::from_str::<Value>(&t)?,
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => bail!("reading welcome: {e}"),
+            Ok(None) => bail!("closed before welcome"),
+            Err(_) => bail!("no welcome within 10s"),
+        }
+    };
+    if welcome["type"] != "welcome" {
+        bail!("first frame was not welcome: {welcome}");
+    }
+    Ok((ws, welcome))
+}
+
+/// One logical client connection: reads, checks, records latency, churns.
+async fn client_task(
+    run: Arc<Run>,
+    target: String,
+    user: usize,
+    index: usize,
+    slow: bool,
+    mut ws: Ws,
+    welcome: Value,
+) -> ConnCheck {
+    let name = user_name(user);
+    let mut epoch = welcome["epoch"].as_str().unwrap_or_default().to_string();
+    let mut check = ConnCheck::after(welcome["seq"].as_u64().unwrap_or(0));
+    let mut lat = Vec::with_capacity(256);
+    let conns = (run.common.users * run.common.conns_per_user) as f64;
+    let churn_mean = if run.common.churn > 0.0 { Some(conns / run.common.churn) } else { None };
+    let next_churn = |rng: &mut fastrand::Rng| {
+        churn_mean.map(|m| Instant::now() + Duration::from_secs_f64(-m * (1.0 - rng.f64()).ln()))
+    };
+    let mut rng = fastrand::Rng::with_seed(index as u64);
+    let mut churn_at = next_churn(&mut rng);
+    loop {
+        if run.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let churn_sleep = async {
+            match churn_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            msg = tokio::time::timeout(Duration::from_millis(50), ws.next()) => match msg {
+                Err(_) => continue, // re-check stop
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let Ok(v) = serde_json::from_str::<Value>(&t) else { continue };
+                    if v["type"] != "event" { continue }
+                    let d = &v["data"];
+                    let lane = match v["priority"].as_str() { Some("high") => 0, Some("low") => 2, _ => 1 };
+                    check.observe(&name, d["u"].as_str().unwrap_or(""), v["seq"].as_u64().unwrap_or(0), d["n"].as_u64().unwrap_or(0), lane);
+                    run.received.fetch_add(1, Ordering::Relaxed);
+                    let now_us = run.start.elapsed().as_micros() as u64;
+                    lat.push(now_us.saturating_sub(d["t"].as_u64().unwrap_or(now_us)));
+                    if lat.len() == 256 {
+                        let _ = run.latency_tx.send(std::mem::replace(&mut lat, Vec::with_capacity(256)));
+                    }
+                    if slow {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(_)) | None) => {
+                    // Dropped by the broker (e.g. 1013 for a slow reader): resume.
+                    if !reconnect(&run, &target, user, index, &mut ws, &mut epoch, &mut check).await { break }
+                }
+            },
+            _ = churn_sleep => {
+                let _ = ws.close(None).await;
+                if !reconnect(&run, &target, user, index, &mut ws, &mut epoch, &mut check).await { break }
+                churn_at = next_churn(&mut rng);
+            }
+        }
+    }
+    let _ = run.latency_tx.send(lat);
+    let _ = ws.close(None).await;
+    check
+}
+
+async fn reconnect(
+    run: &Run,
+    target: &str,
+    user: usize,
+    index: usize,
+    ws: &mut Ws,
+    epoch: &mut String,
+    check: &mut ConnCheck,
+) -> bool {
+    for _ in 0..50 {
+        match connect(target, &run.common, user, index, Some((check.resume_point(), epoch))).await {
+            Ok((new_ws, welcome)) => {
+                run.resumes.fetch_add(1, Ordering::Relaxed);
+                if welcome["recovered"] != true {
+                    run.resume_failed.fetch_add(1, Ordering::Relaxed);
+                }
+                *epoch = welcome["epoch"].as_str().unwrap_or_default().to_string();
+                *ws = new_ws;
+                check.resumed();
+                return true;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    run.resume_failed.fetch_add(1, Ordering::Relaxed);
+    false
+}
+
+async fn progress_task(run: Arc<Run>) {
+    let tty = std::io::stderr().is_terminal();
+    let mut last = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let sent: u64 = run.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum();
+        let recv = run.received.load(Ordering::Relaxed);
+        let line = format!(
+            "t={:>5.1}s sent={sent} received={recv} ({}/s) resumes={}",
+            run.start.elapsed().as_secs_f64(),
+            recv - last,
+            run.resumes.load(Ordering::Relaxed)
+        );
+        last = recv;
+        if tty {
+            eprint!("\r{line}   ");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// The broker's total shed count, from /v1/stats.
+async fn broker_shed(api: &str, key: Option<&str>) -> anyhow::Result<u64> {
+    let v = http_get_json(api, "/v1/stats", key).await?;
+    Ok(v["events"]["shed"].as_u64().unwrap_or(0))
+}
+
+/// A minimal HTTP/1.1 GET (the API listener is plain HTTP on loopback).
+async fn http_get_json(api: &str, path: &str, key: Option<&str>) -> anyhow::Result<Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = api.trim_start_matches("http://");
+    let mut s = TcpStream::connect(host).await.with_context(|| format!("connecting to {host}"))?;
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf);
+    let body = text.split("\r\n\r\n").nth(1).ok_or_else(|| anyhow!("bad HTTP response"))?;
+    serde_json::from_str(body).with_context(|| format!("GET {path}: {body}"))
+}
+
+fn report(
+    common: &Common,
+    t: &Totals,
+    h: &Histogram<u64>,
+    publish: Duration,
+    delivery: Duration,
+    plan: &Plan,
+) -> anyhow::Result<()> {
+    let pct = |q: f64| if h.is_empty() { 0 } else { h.value_at_quantile(q) };
+    let delivered_per_s = t.received as f64 / delivery.as_secs_f64().max(1e-9);
+    let sent_per_s = t.sent as f64 / publish.as_secs_f64().max(1e-9);
+    let mode = match plan {
+        Plan::Rate { per_sec, .. } => per_sec.map_or("rate=max".to_string(), |r| format!("rate={r}")),
+        Plan::Trace { planned, .. } => format!("trace events={}", planned.len()),
+    };
+    println!(
+        "switchyard-load: {mode} users={} conns={} publishers={}",
+        common.users,
+        common.users * common.conns_per_user,
+        common.publishers
+    );
+    println!("  sent        {:>12}   ({sent_per_s:.0}/s)", t.sent);
+    println!("  received    {:>12}   ({delivered_per_s:.0}/s delivered)", t.received);
+    println!("  lost        {:>12}", t.lost);
+    println!("  duplicated  {:>12}", t.duplicated);
+    println!("  reordered   {:>12}", t.reordered);
+    println!("  misrouted   {:>12}", t.misrouted);
+    println!("  shed        {:>12}   (slow consumers, reported by the broker)", t.shed);
+    println!("  rejected    {:>12}   (refused by the broker: overloaded)", t.rejected);
+    println!("  resumes     {:>12}   (failed: {})", t.resumes, t.resume_failed);
+    println!(
+        "  latency µs  p50={} p90={} p99={} p99.9={} max={}  (from intended send time)",
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        pct(0.999),
+        h.max()
+    );
+    println!("  result      {}", if t.ok() { "OK" } else { "FAILED" });
+    if let Some(path) = &common.hgrm {
+        std::fs::write(path, hgrm(h)).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &common.json {
+        let mut v = serde_json::to_value(t)?;
+        v["delivered_per_s"] = json!(delivered_per_s);
+        v["sent_per_s"] = json!(sent_per_s);
+        v["latency_us"] =
+            json!({"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "p999": pct(0.999), "max": h.max()});
+        v["ok"] = json!(t.ok());
+        std::fs::write(path, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// HdrHistogram percentile distribution text (.hgrm), values in µs.
+fn hgrm(h: &Histogram<u64>) -> String {
+    use std::fmt::Write;
+    let mut out =
+        format!("{:>12} {:>14} {:>10} {:>14}\n\n", "Value", "Percentile", "TotalCount", "1/(1-Percentile)");
+    let mut total = 0;
+    if !h.is_empty() {
+        for v in h.iter_quantiles(5) {
+            total += v.count_since_last_iteration();
+            let q = v.quantile_iterated_to();
+            let value = h.highest_equivalent(v.value_iterated_to()) as f64;
+            if q < 1.0 {
+                let _ = writeln!(out, "{value:>12.3} {q:>2.12} {total:>10} {:>14.2}", 1.0 / (1.0 - q));
+            } else {
+                let _ = writeln!(out, "{value:>12.3} {q:>2.12} {total:>10}");
+            }
+        }
+    }
+    let _ = writeln!(out, "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]", h.mean(), h.stdev());
+    let _ = writeln!(out, "#[Max     = {:>12.3}, Total count    = {:>12}]", h.max() as f64, h.len());
+    let _ = writeln!(out, "#[Buckets = {:>12}, SubBuckets     = {:>12}]", h.buckets(), 2048);
+    out
+}

@@ -1,0 +1,7 @@
+//! switchyard-load: a load generator that is also a delivery checker.
+//!
+//! `check` verifies every received event (once, in order, own user only);
+//! `trace` reads recorded event traces and turns them into a schedule.
+
+pub mod check;
+pub mod trace;
