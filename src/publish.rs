@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use crate::broker::Shared;
 use crate::metrics::bump;
 use crate::protocol::{self, InvalidInput, PreparedEvent, PublishRequest, Target, UserId};
-use crate::shard::{BroadcastOutcome, Command, Delivery, PublishCmd};
+use crate::shard::{BroadcastOutcome, Command, Delivery, Permit, PublishCmd};
 
 /// Why a publish was not applied.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -85,70 +85,113 @@ pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// Size-checks, parses and submits one raw publish object.
-pub fn submit_raw(shared: &Shared, raw: &[u8], want_reply: bool) -> Result<Pending, PublishError> {
+/// Size-checks and parses one raw publish object.
+pub fn parse_raw(shared: &Shared, raw: &[u8]) -> Result<PublishRequest, PublishError> {
     let limit = shared.config.max_payload;
     if raw.len() > limit {
         return Err(PublishError::TooLarge { size: raw.len(), limit });
     }
     let mut buf = raw.to_vec();
-    let req = protocol::parse_publish(&mut buf, &shared.redactor)?;
-    submit(shared, req, want_reply)
+    Ok(protocol::parse_publish(&mut buf, &shared.redactor)?)
+}
+
+/// Size-checks, parses and submits one raw publish object.
+pub fn submit_raw(shared: &Shared, raw: &[u8], want_reply: bool) -> Result<Pending, PublishError> {
+    let req = parse_raw(shared, raw)?;
+    submit_all(shared, vec![Ok(req)], want_reply).pop().unwrap_or(Err(PublishError::Unavailable))
 }
 
 /// Submits a validated publish.
 pub fn submit(shared: &Shared, req: PublishRequest, want_reply: bool) -> Result<Pending, PublishError> {
+    submit_all(shared, vec![Ok(req)], want_reply).pop().unwrap_or(Err(PublishError::Unavailable))
+}
+
+/// Submits many publishes (a batch or a stream frame) in order, with one
+/// reservation and one wake-up per shard instead of one per item.
+///
+/// Each item is all-or-nothing: an item with a target on a shard whose ring
+/// cannot take this batch's commands gets `Overloaded` and pushes nothing;
+/// the other items proceed. Items that were already errors pass through.
+pub fn submit_all(
+    shared: &Shared,
+    items: Vec<Result<PublishRequest, PublishError>>,
+    want_reply: bool,
+) -> Vec<Result<Pending, PublishError>> {
     let accepted = Instant::now();
     let ts_ms = unix_ms();
-    let many = matches!(req.target, Target::Many(_));
-    let users = match req.target {
-        Target::One(u) => vec![u],
-        Target::Many(us) => us,
-    };
-    let routes: Vec<usize> = users.iter().map(|u| shared.router.shard_for(u)).collect();
-    let mut counts = vec![0usize; shared.shards.len()];
-    for &s in &routes {
-        counts[s] += 1;
-    }
-    let mut permits = Vec::with_capacity(counts.len());
-    for (s, &n) in counts.iter().enumerate() {
-        if n == 0 {
-            permits.push(None);
-            continue;
+    let nshards = shared.shards.len();
+    // Route every target once.
+    let routed: Vec<Result<(PublishRequest, Vec<usize>), PublishError>> = items
+        .into_iter()
+        .map(|r| {
+            r.map(|req| {
+                let shards = match &req.target {
+                    Target::One(u) => vec![shared.router.shard_for(u)],
+                    Target::Many(us) => us.iter().map(|u| shared.router.shard_for(u)).collect(),
+                };
+                (req, shards)
+            })
+        })
+        .collect();
+    let mut counts = vec![0usize; nshards];
+    for (_, shards) in routed.iter().flatten() {
+        for &s in shards {
+            counts[s] += 1;
         }
-        match shared.shards[s].ring.reserve(n) {
-            Ok(p) => permits.push(Some(p)),
-            Err(_) => {
-                bump(&shared.shards[s].metrics.ring_full, 1);
+    }
+    // One reservation per shard; a shard that cannot take it all takes nothing.
+    let mut permits: Vec<Option<Permit<'_, Command>>> = counts
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| {
+            if n == 0 {
+                return None;
+            }
+            match shared.shards[s].ring.reserve(n) {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    bump(&shared.shards[s].metrics.ring_full, 1);
+                    None
+                }
+            }
+        })
+        .collect();
+    let out = routed
+        .into_iter()
+        .map(|r| {
+            let (req, shards) = r?;
+            if shards.iter().any(|&s| permits[s].is_none()) {
                 return Err(PublishError::Overloaded);
             }
-        }
-    }
-    let mut pending = Vec::with_capacity(users.len());
-    for (user, s) in users.into_iter().zip(routes) {
-        let (tx, rx) = if want_reply {
-            let (tx, rx) = oneshot::channel();
-            (Some(tx), Some(rx))
-        } else {
-            (None, None)
-        };
-        let cmd = Command::Publish(PublishCmd {
-            user: user.clone(),
-            event: req.event.clone(),
-            accepted,
-            ts_ms,
-            reply: tx,
-        });
-        if let Some(Some(p)) = permits.get_mut(s) {
-            p.push(cmd);
-        }
-        pending.push((user, rx));
-    }
-    if many {
-        Ok(Pending::Many(pending))
-    } else {
-        Ok(Pending::One(pending.pop().and_then(|(_, rx)| rx)))
-    }
+            let many = matches!(req.target, Target::Many(_));
+            let users = match req.target {
+                Target::One(u) => vec![u],
+                Target::Many(us) => us,
+            };
+            let mut pending = Vec::with_capacity(users.len());
+            for (user, s) in users.into_iter().zip(shards) {
+                let (tx, rx) = if want_reply {
+                    let (tx, rx) = oneshot::channel();
+                    (Some(tx), Some(rx))
+                } else {
+                    (None, None)
+                };
+                if let Some(p) = permits[s].as_mut() {
+                    p.push(Command::Publish(PublishCmd {
+                        user: user.clone(),
+                        event: req.event.clone(),
+                        accepted,
+                        ts_ms,
+                        reply: tx,
+                    }));
+                }
+                pending.push((user, rx));
+            }
+            Ok(if many { Pending::Many(pending) } else { Pending::One(pending.pop().and_then(|(_, rx)| rx)) })
+        })
+        .collect();
+    drop(permits); // wakes each shard once
+    out
 }
 
 /// Waits for the shards' replies.

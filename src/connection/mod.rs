@@ -45,7 +45,7 @@ pub const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// Largest client message accepted (contract §3); larger closes with 1009.
 pub const MAX_CLIENT_MESSAGE: usize = 4096;
 /// How long a close frame may take to write before the socket is dropped.
-const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How a connection is being closed.
 #[derive(Debug, Clone)]
@@ -199,20 +199,28 @@ pub async fn run_writer(core: Rc<ShardCore>, conn: Rc<Conn>, mut sock: OwnedWrit
                     Some(d) => {
                         match tokio::time::timeout_at(d.into(), write_batch(&conn, &mut sock, &batch)).await {
                             Ok(r) => r,
-                            Err(_) => Err(WriteFailed),
+                            Err(_) => Err(WriteFailed::Io),
                         }
                     }
                     None => write_batch(&conn, &mut sock, &batch).await,
                 };
                 match res {
                     Ok(calls) => account_batch(&core, &batch, calls),
-                    Err(WriteFailed) => {
+                    Err(WriteFailed::Aborted { rest }) => {
                         let urgent = conn.closing.borrow().clone();
-                        if let Some(CloseMode::Now(Some(frame))) = urgent {
-                            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sock.write_all(&frame)).await;
-                        }
+                        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
+                            if let Some(rest) = rest {
+                                sock.write_all(&rest).await?;
+                            }
+                            if let Some(CloseMode::Now(Some(frame))) = urgent {
+                                sock.write_all(&frame).await?;
+                            }
+                            sock.shutdown().await
+                        })
+                        .await;
                         break;
                     }
+                    Err(WriteFailed::Io) => break,
                 }
             }
             Step::Close(frame) => {
@@ -252,36 +260,59 @@ fn next_step(conn: &Conn, batch: &mut Vec<Outbound>, cx: &mut Context<'_>) -> Po
 
 /// The write failed, or the connection was told to close mid-write.
 #[derive(Debug)]
-struct WriteFailed;
+enum WriteFailed {
+    /// The socket is unusable.
+    Io,
+    /// Closed with [`CloseMode::Now`] mid-batch; `rest` is the unwritten tail
+    /// of a frame that was partly written (it must go out before the close
+    /// frame, or the client would see a torn frame).
+    Aborted { rest: Option<Bytes> },
+}
 
 /// Writes every frame in `batch`, using as few vectored writes as the kernel
 /// allows. Returns the number of write calls. Aborts if the connection is
 /// closed with [`CloseMode::Now`] while waiting for the socket.
 async fn write_batch(conn: &Conn, sock: &mut OwnedWriteHalf, batch: &[Outbound]) -> Result<u64, WriteFailed> {
-    let mut slices = [IoSlice::new(&[]); MAX_BATCH];
-    for (s, o) in slices.iter_mut().zip(batch) {
-        *s = IoSlice::new(&o.frame);
-    }
-    let mut bufs: &mut [IoSlice<'_>] = &mut slices[..batch.len()];
+    // Progress: frames before `idx` are written, and `off` bytes of frame `idx`.
+    let (mut idx, mut off) = (0usize, 0usize);
     let mut calls = 0;
-    while !bufs.is_empty() {
+    while idx < batch.len() {
         let n = std::future::poll_fn(|cx| {
             if matches!(&*conn.closing.borrow(), Some(CloseMode::Now(_))) {
-                return Poll::Ready(Err(WriteFailed));
+                let rest = (off > 0).then(|| batch[idx].frame.slice(off..));
+                return Poll::Ready(Err(WriteFailed::Aborted { rest }));
             }
-            match Pin::new(&mut *sock).poll_write_vectored(cx, bufs) {
+            let mut slices = [IoSlice::new(&[]); MAX_BATCH];
+            let mut count = 0;
+            for (i, o) in batch[idx..].iter().enumerate() {
+                let start = if i == 0 { off } else { 0 };
+                slices[count] = IoSlice::new(&o.frame[start..]);
+                count += 1;
+            }
+            match Pin::new(&mut *sock).poll_write_vectored(cx, &slices[..count]) {
                 Poll::Pending => {
                     conn.park(cx);
                     Poll::Pending
                 }
-                Poll::Ready(Ok(0)) => Poll::Ready(Err(WriteFailed)),
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Err(WriteFailed::Io)),
                 Poll::Ready(Ok(n)) => Poll::Ready(Ok(n)),
-                Poll::Ready(Err(_)) => Poll::Ready(Err(WriteFailed)),
             }
         })
         .await?;
         calls += 1;
-        IoSlice::advance_slices(&mut bufs, n);
+        // Advance (idx, off) by n bytes.
+        let mut left = n;
+        while left > 0 && idx < batch.len() {
+            let remaining = batch[idx].frame.len() - off;
+            if left >= remaining {
+                left -= remaining;
+                idx += 1;
+                off = 0;
+            } else {
+                off += left;
+                left = 0;
+            }
+        }
     }
     Ok(calls)
 }

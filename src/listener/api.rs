@@ -182,7 +182,8 @@ async fn publish_batch(req: Request<Incoming>, shared: &Shared) -> Response<Body
 /// Splits, submits and resolves a batch; per-item results in order.
 pub async fn run_batch(shared: &Shared, body: &[u8]) -> Result<Vec<serde_json::Value>, InvalidInput> {
     let items = batch::split(body)?;
-    let submitted: Vec<_> = items.iter().map(|raw| publish::submit_raw(shared, raw, true)).collect();
+    let parsed = items.iter().map(|raw| publish::parse_raw(shared, raw)).collect();
+    let submitted = publish::submit_all(shared, parsed, true);
     let mut results = Vec::with_capacity(submitted.len());
     for s in submitted {
         let r = match s {

@@ -103,7 +103,8 @@ async fn handle_frame(shared: &Shared, payload: &[u8], acks: bool) -> Vec<serde_
             ];
         }
     };
-    let submitted: Vec<_> = items.iter().map(|raw| publish::submit_raw(shared, raw, acks)).collect();
+    let parsed = items.iter().map(|raw| publish::parse_raw(shared, raw)).collect();
+    let submitted = publish::submit_all(shared, parsed, acks);
     let mut results = Vec::with_capacity(if acks { submitted.len() } else { 0 });
     let mut errors = Vec::new();
     for (index, s) in submitted.into_iter().enumerate() {

@@ -30,8 +30,10 @@ use crate::shard::{
     AttachCmd, BroadcastOutcome, Command, Delivery, PublishCmd, ShardHandle, ShardSnapshot, UserInfo,
 };
 
-/// Commands applied before the reactor yields so writers can flush.
-const BATCH: usize = 256;
+/// Most commands applied before the reactor yields so writers can flush.
+/// Also capped at half of `--max-queue`, so that a burst applied in one pass
+/// can never overflow the queue of a client that keeps up.
+const MAX_PASS: usize = 256;
 
 /// One user's state on its shard.
 struct UserState {
@@ -391,6 +393,7 @@ pub fn run(id: usize, shared: Arc<Shared>, shutdown: CancellationToken) -> std::
 /// Applies commands until shutdown.
 async fn drain_ring(core: &Rc<ShardCore>, shutdown: &CancellationToken) {
     let ring = &core.handle().ring;
+    let pass = (core.shared.config.max_queue / 2).clamp(1, MAX_PASS);
     loop {
         tokio::select! {
             biased;
@@ -401,7 +404,7 @@ async fn drain_ring(core: &Rc<ShardCore>, shutdown: &CancellationToken) {
         while let Some(cmd) = ring.pop() {
             core.apply(cmd);
             n += 1;
-            if n == BATCH {
+            if n == pass {
                 break;
             }
         }

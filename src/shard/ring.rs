@@ -31,11 +31,13 @@ pub struct Ring<T> {
     waker: AtomicWaker,
 }
 
-/// Room for `n` commands in one ring, reserved.
+/// Room for `n` commands in one ring, reserved. Pushes through a permit
+/// wake the shard once, when the permit is dropped.
 #[must_use = "an unused permit is released on drop"]
 pub struct Permit<'a, T> {
     ring: &'a Ring<T>,
     left: usize,
+    pushed: bool,
 }
 
 impl<T> Ring<T> {
@@ -71,7 +73,7 @@ impl<T> Ring<T> {
                 return Err(RingFull);
             }
             match self.reserved.compare_exchange_weak(cur, cur + n, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return Ok(Permit { ring: self, left: n }),
+                Ok(_) => return Ok(Permit { ring: self, left: n, pushed: false }),
                 Err(actual) => cur = actual,
             }
         }
@@ -118,7 +120,7 @@ impl<T> Ring<T> {
 }
 
 impl<T> Permit<'_, T> {
-    /// Pushes one command into the reserved room and wakes the shard.
+    /// Pushes one command into the reserved room (the shard is woken on drop).
     pub fn push(&mut self, cmd: T) {
         assert!(self.left > 0, "pushed more commands than reserved");
         self.left -= 1;
@@ -126,7 +128,7 @@ impl<T> Permit<'_, T> {
             // Unreachable: `reserved` never exceeds capacity, and this slot was reserved.
             unreachable!("ring push failed inside a reservation");
         }
-        self.ring.waker.wake();
+        self.pushed = true;
     }
 }
 
@@ -134,6 +136,9 @@ impl<T> Drop for Permit<'_, T> {
     fn drop(&mut self) {
         if self.left > 0 {
             self.ring.reserved.fetch_sub(self.left, Ordering::Relaxed);
+        }
+        if self.pushed {
+            self.ring.waker.wake();
         }
     }
 }

@@ -7,5 +7,6 @@ mod api;
 mod auth;
 mod bad_input;
 mod core;
+mod delivery;
 mod limits;
 mod process;

@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// Upper bound for any single wait in the tests.
-pub const WAIT: Duration = Duration::from_secs(10);
+pub const WAIT: Duration = Duration::from_secs(30);
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -142,10 +142,12 @@ pub async fn http(
     (status, headers, body)
 }
 
-/// Next text frame as JSON (protocol pings are answered by tungstenite and skipped).
+/// Next text frame as JSON (protocol pings are answered by tungstenite and
+/// skipped). The whole wait, pings included, is bounded by [`WAIT`].
 pub async fn next_json(ws: &mut Ws) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let msg = tokio::time::timeout(WAIT, ws.next())
+        let msg = tokio::time::timeout_at(deadline, ws.next())
             .await
             .expect("a frame in time")
             .expect("stream open")
@@ -170,10 +172,11 @@ pub async fn next_events(ws: &mut Ws, n: usize) -> Vec<Value> {
     out
 }
 
-/// Waits for the close frame and returns its code.
+/// Waits (bounded by [`WAIT`] overall) for the close frame and returns its code.
 pub async fn close_code(ws: &mut Ws) -> u16 {
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let msg = tokio::time::timeout(WAIT, ws.next()).await.expect("close in time");
+        let msg = tokio::time::timeout_at(deadline, ws.next()).await.expect("close in time");
         match msg {
             Some(Ok(Message::Close(Some(CloseFrame { code, .. })))) => return u16::from(code),
             Some(Ok(Message::Close(None))) => return 1005,
