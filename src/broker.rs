@@ -142,6 +142,9 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         let api = tokio::net::TcpListener::from_std(api).map_err(StartError::Runtime)?;
         io.spawn(listener::client::serve(client, shared.clone(), shutdown.clone()));
         io.spawn(listener::api::serve(api, shared.clone(), shutdown.clone()));
+        if let (Some(dir), Some(every)) = (&shared.config.hist_dir, shared.config.hist_interval) {
+            io.spawn(crate::histdump::interval_log(shared.clone(), dir.clone(), every, shutdown.clone()));
+        }
     }
     if shared.auth.is_dev() {
         tracing::warn!("dev mode: no --jwt-secret, clients choose their user with ?user=");

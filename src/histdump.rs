@@ -45,6 +45,81 @@ pub fn write_hgrm(dir: &Path, h: &Histogram<u64>) -> std::io::Result<PathBuf> {
     Ok(path)
 }
 
+/// Appends one interval histogram per `every` to `dir/<UTC timestamp>.hlog`
+/// (HdrHistogram interval log, V2 deflate encoding, readable by
+/// HistogramLogProcessor and friends) until `shutdown` fires. Each interval
+/// is the difference between two merged snapshots, so the shards' own
+/// histograms are never reset by this.
+pub async fn interval_log(
+    shared: std::sync::Arc<crate::broker::Shared>,
+    dir: PathBuf,
+    every: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use hdrhistogram::serialization::interval_log::IntervalLogWriterBuilder;
+    use hdrhistogram::serialization::V2DeflateSerializer;
+    use std::io::Write;
+
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        tracing::error!(error = %e, dir = %dir.display(), "cannot create --hist-dir");
+        return;
+    }
+    let start = SystemTime::now();
+    let start_instant = std::time::Instant::now();
+    let start_ms = start.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let path = dir.join(format!("{}.hlog", utc_stamp(start_ms)));
+    let mut file = match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, path = %path.display(), "cannot open the interval log");
+            return;
+        }
+    };
+    let mut serializer = V2DeflateSerializer::new();
+    let mut buf = Vec::new();
+    let header = IntervalLogWriterBuilder::new()
+        .add_comment("switchyard publish->write latency, microseconds")
+        .with_start_time(start)
+        .begin_log_with(&mut buf, &mut serializer)
+        .map(|_| ());
+    if header.is_err() || file.write_all(&buf).is_err() {
+        tracing::error!(path = %path.display(), "cannot write the interval log header");
+        return;
+    }
+    let mut previous = crate::metrics::Latency::default().all;
+    let mut ticker = tokio::time::interval(every);
+    ticker.tick().await;
+    let mut interval_start = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let now = crate::observe::merged_latency(&shared, false).await.all;
+        let mut delta = now.clone();
+        if delta.subtract(&previous).is_err() {
+            delta = now.clone(); // someone reset the histograms: this interval is all of it
+        }
+        previous = now;
+        let offset = interval_start.duration_since(start_instant);
+        let duration = interval_start.elapsed();
+        interval_start = std::time::Instant::now();
+        buf.clear();
+        let written = IntervalLogWriterBuilder::new()
+            .begin_log_with(&mut buf, &mut serializer)
+            .map_err(|e| e.to_string())
+            .and_then(|mut w| {
+                w.write_histogram(&delta, offset, duration, None).map_err(|e| format!("{e:?}"))
+            });
+        if let Err(e) =
+            written.map_err(|e| e.to_string()).and_then(|_| file.write_all(&buf).map_err(|e| e.to_string()))
+        {
+            tracing::error!(error = %e, "cannot append to the interval log");
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,10 @@ use crate::metrics::{read, Latency, Percentiles};
 use crate::protocol::Priority;
 use crate::shard::{Command, ShardSnapshot};
 
+/// How long an operator view waits for a shard's answer (a shard that is
+/// shutting down no longer answers).
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Asks every shard for its snapshot (shards whose ring is full are skipped).
 pub async fn snapshots(shared: &Shared) -> Vec<ShardSnapshot> {
     let mut rxs = Vec::new();
@@ -27,7 +31,7 @@ pub async fn snapshots(shared: &Shared) -> Vec<ShardSnapshot> {
     }
     let mut out = Vec::new();
     for rx in rxs {
-        if let Ok(s) = rx.await {
+        if let Ok(Ok(s)) = tokio::time::timeout(REPLY_TIMEOUT, rx).await {
             out.push(s);
         }
     }
@@ -45,7 +49,7 @@ pub async fn merged_latency(shared: &Shared, reset: bool) -> Latency {
     }
     let mut merged = Latency::default();
     for rx in rxs {
-        if let Ok(l) = rx.await {
+        if let Ok(Ok(l)) = tokio::time::timeout(REPLY_TIMEOUT, rx).await {
             merged.merge(&l);
         }
     }
@@ -229,6 +233,10 @@ pub async fn hgrm_text(shared: &Shared, reset: bool) -> String {
 
 /// Formats `h` (µs) as HdrHistogram's percentile distribution text (`.hgrm`),
 /// the format `outputPercentileDistribution` prints and plotters read.
+///
+/// Rows are at the same percentile ticks as HdrHistogram's (5 per halving
+/// distance to 100%), and each row's value is exactly `value_at_quantile` of
+/// its percentile, so the text parses back into the figures `/v1/stats` shows.
 pub fn hgrm(h: &Histogram<u64>) -> String {
     let mut out = String::new();
     let _ = write!(
@@ -236,27 +244,47 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
         "{:>12} {:>14} {:>10} {:>14}\n\n",
         "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
     );
-    if h.is_empty() {
-        let _ = writeln!(out, "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]", 0.0, 0.0);
-        let _ = writeln!(out, "#[Max     = {:>12.3}, Total count    = {:>12}]", 0.0, 0);
-        let _ = writeln!(out, "#[Buckets = {:>12}, SubBuckets     = {:>12}]", h.buckets(), sub_buckets(h));
-        return out;
-    }
-    let mut total = 0u64;
-    for v in h.iter_quantiles(5) {
-        total += v.count_since_last_iteration();
-        let q = v.quantile_iterated_to();
-        let value = h.highest_equivalent(v.value_iterated_to()) as f64;
-        if q < 1.0 {
-            let _ = writeln!(out, "{:>12.3} {:>2.12} {:>10} {:>14.2}", value, q, total, 1.0 / (1.0 - q));
-        } else {
-            let _ = writeln!(out, "{:>12.3} {:>2.12} {:>10}", value, q, total);
+    if !h.is_empty() {
+        for q in percentile_ticks(h) {
+            let value = h.value_at_quantile(q);
+            let count = h.count_between(0, value);
+            if q < 1.0 {
+                let _ = writeln!(
+                    out,
+                    "{:>12.3} {:>2.12} {:>10} {:>14.2}",
+                    value as f64,
+                    q,
+                    count,
+                    1.0 / (1.0 - q)
+                );
+            } else {
+                let _ = writeln!(out, "{:>12.3} {:>2.12} {:>10}", value as f64, q, count);
+            }
         }
     }
     let _ = writeln!(out, "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]", h.mean(), h.stdev());
     let _ = writeln!(out, "#[Max     = {:>12.3}, Total count    = {:>12}]", h.max() as f64, h.len());
     let _ = writeln!(out, "#[Buckets = {:>12}, SubBuckets     = {:>12}]", h.buckets(), sub_buckets(h));
     out
+}
+
+/// Quantiles 0, 0.1, …, 0.5, 0.55, …, 0.75, 0.775, … (5 ticks per halving of
+/// the distance to 1), up to the first that reaches the maximum, then 1.
+fn percentile_ticks(h: &Histogram<u64>) -> Vec<f64> {
+    let max = h.max();
+    let mut ticks = Vec::new();
+    let mut p = 0.0f64; // percent
+    while ticks.len() < 400 {
+        let q = p / 100.0;
+        if q >= 1.0 || (q > 0.0 && h.equivalent(h.value_at_quantile(q), max)) {
+            break;
+        }
+        ticks.push(q);
+        let half = 2f64.powi((100.0 / (100.0 - p)).log2().floor() as i32 + 1);
+        p += 100.0 / (half * 5.0);
+    }
+    ticks.push(1.0);
+    ticks
 }
 
 /// HdrHistogram's sub-bucket count for the histogram's precision.

@@ -666,7 +666,8 @@ fn report(
     );
     println!("  result      {}", if t.ok() { "OK" } else { "FAILED" });
     if let Some(path) = &common.hgrm {
-        std::fs::write(path, hgrm(h)).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, switchyard::observe::hgrm(h))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &common.json {
         let mut v = serde_json::to_value(t)?;
@@ -679,28 +680,4 @@ fn report(
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
-}
-
-/// HdrHistogram percentile distribution text (.hgrm), values in µs.
-fn hgrm(h: &Histogram<u64>) -> String {
-    use std::fmt::Write;
-    let mut out =
-        format!("{:>12} {:>14} {:>10} {:>14}\n\n", "Value", "Percentile", "TotalCount", "1/(1-Percentile)");
-    let mut total = 0;
-    if !h.is_empty() {
-        for v in h.iter_quantiles(5) {
-            total += v.count_since_last_iteration();
-            let q = v.quantile_iterated_to();
-            let value = h.highest_equivalent(v.value_iterated_to()) as f64;
-            if q < 1.0 {
-                let _ = writeln!(out, "{value:>12.3} {q:>2.12} {total:>10} {:>14.2}", 1.0 / (1.0 - q));
-            } else {
-                let _ = writeln!(out, "{value:>12.3} {q:>2.12} {total:>10}");
-            }
-        }
-    }
-    let _ = writeln!(out, "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]", h.mean(), h.stdev());
-    let _ = writeln!(out, "#[Max     = {:>12.3}, Total count    = {:>12}]", h.max() as f64, h.len());
-    let _ = writeln!(out, "#[Buckets = {:>12}, SubBuckets     = {:>12}]", h.buckets(), 2048);
-    out
 }

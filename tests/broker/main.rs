@@ -9,4 +9,5 @@ mod bad_input;
 mod core;
 mod delivery;
 mod limits;
+mod observability;
 mod process;
