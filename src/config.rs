@@ -76,6 +76,16 @@ pub struct Flags {
     #[arg(long, env = "SWITCHYARD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
+    /// Most client sockets still in their handshake at once; more get 503 at once.
+    #[arg(long, env = "SWITCHYARD_MAX_PENDING_HANDSHAKES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_pending_handshakes: u32,
+
+    /// Comma-separated browser origins allowed to open /ws (exact match, e.g.
+    /// https://app.example.com); `*` or unset allows any. Requests without an
+    /// Origin header (non-browser clients) are always allowed.
+    #[arg(long, env = "SWITCHYARD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
     /// Most client connections; further upgrades get 503.
     #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -160,6 +170,9 @@ pub struct Config {
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
+    pub max_pending_handshakes: usize,
+    /// Lower-cased allowed origins; empty = any.
+    pub allowed_origins: Vec<String>,
     pub max_connections: usize,
     pub max_conns_per_user: usize,
     pub max_queue: usize,
@@ -238,6 +251,8 @@ impl Config {
             ping_interval: f.ping_interval,
             idle_timeout: f.idle_timeout,
             handshake_timeout: f.handshake_timeout,
+            max_pending_handshakes: f.max_pending_handshakes as usize,
+            allowed_origins: normalize_origins(f.allowed_origins),
             max_connections: f.max_connections,
             max_conns_per_user: f.max_conns_per_user as usize,
             max_queue: f.max_queue as usize,
@@ -258,6 +273,20 @@ impl Config {
             Flags::parse_from(["switchyard", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"]);
         // Loopback and default values always validate.
         Config::from_flags(flags).unwrap_or_else(|e| unreachable!("default test config: {e}"))
+    }
+}
+
+/// Lower-cases and trims origins; `*` anywhere means any origin (empty list).
+fn normalize_origins(raw: Vec<String>) -> Vec<String> {
+    let list: Vec<String> = raw
+        .iter()
+        .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+        .filter(|o| !o.is_empty())
+        .collect();
+    if list.iter().any(|o| o == "*") {
+        Vec::new()
+    } else {
+        list
     }
 }
 

@@ -3,5 +3,6 @@
 //! `check` verifies every received event (once, in order, own user only);
 //! `trace` reads recorded event traces and turns them into a schedule.
 
+pub mod ceiling;
 pub mod check;
 pub mod trace;

@@ -37,6 +37,25 @@ enum Cmd {
     Run(RunArgs),
     /// Replay a recorded trace across many users and check every delivery.
     Replay(ReplayArgs),
+    /// Measure the kernel's delivery ceiling: a stand-in server with no broker
+    /// logic writes pre-encoded frames to N clients, `--batch` per writev.
+    Ceiling(CeilingArgs),
+}
+
+#[derive(Args)]
+struct CeilingArgs {
+    #[arg(long, default_value_t = 1000)]
+    conns: usize,
+    /// Frames per write call.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Bytes of data per event.
+    #[arg(long, default_value_t = 128)]
+    payload: usize,
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    duration: Duration,
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -137,6 +156,18 @@ const PRIORITIES: [&str; 3] = ["high", "normal", "low"];
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (common, plan) = match cli.cmd {
+        Cmd::Ceiling(a) => {
+            raise_fd_limit();
+            let c = switchyard_load::ceiling::run(a.conns, a.batch, a.payload, a.duration)?;
+            println!(
+                "ceiling: conns={} batch={} payload={}B frames={} in {:.2}s = {:.0} frames/s",
+                c.conns, c.batch, c.payload, c.frames, c.seconds, c.frames_per_s
+            );
+            if let Some(path) = a.json {
+                std::fs::write(&path, serde_json::to_string_pretty(&c)?)?;
+            }
+            return Ok(());
+        }
         Cmd::Run(a) => {
             let per_sec = if a.rate == "max" {
                 None
@@ -204,6 +235,8 @@ struct Run {
     sent: Vec<AtomicU64>,
     received: AtomicU64,
     stop: AtomicBool,
+    /// Fires when the run ends, so idle clients need no polling timer.
+    stopped: tokio::sync::watch::Sender<bool>,
     resumes: AtomicU64,
     resume_failed: AtomicU64,
     latency_tx: flume::Sender<Vec<u64>>,
@@ -221,6 +254,7 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
         sent: (0..common.users).map(|_| AtomicU64::new(0)).collect(),
         received: AtomicU64::new(0),
         stop: AtomicBool::new(false),
+        stopped: tokio::sync::watch::channel(false).0,
         resumes: AtomicU64::new(0),
         resume_failed: AtomicU64::new(0),
         latency_tx,
@@ -284,6 +318,7 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
     }
     let delivery_elapsed = publish_start.elapsed();
     run.stop.store(true, Ordering::Relaxed);
+    run.stopped.send_replace(true);
     progress.abort();
 
     let mut totals = Totals::default();
@@ -309,14 +344,45 @@ struct Outgoing {
     line: String,
 }
 
+/// One publish object. Formatted directly (names and events are plain
+/// ASCII with nothing to escape): JSON building is the load generator's
+/// hottest path at high rates.
 fn event_line(user: usize, nonce: u64, intended_us: u64, event: &str, priority: &str, pad: usize) -> String {
-    json!({
-        "user": user_name(user),
-        "event": event,
-        "priority": priority,
-        "data": {"u": user_name(user), "n": nonce, "t": intended_us, "p": "x".repeat(pad)},
-    })
-    .to_string()
+    let name = user_name(user);
+    let mut s = String::with_capacity(128 + pad);
+    s.push_str("{\"user\":\"");
+    s.push_str(&name);
+    s.push_str("\",\"event\":\"");
+    s.push_str(event);
+    s.push_str("\",\"priority\":\"");
+    s.push_str(priority);
+    s.push_str("\",\"data\":{\"u\":\"");
+    s.push_str(&name);
+    s.push_str(&format!("\",\"n\":{nonce},\"t\":{intended_us},\"p\":\""));
+    s.extend(std::iter::repeat_n('x', pad));
+    s.push_str("\"}}");
+    s
+}
+
+/// The fields of an event frame the checker needs (borrowed, no allocation).
+#[derive(serde::Deserialize)]
+struct EventFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: &'a str,
+    #[serde(default)]
+    seq: u64,
+    #[serde(default, borrow)]
+    priority: &'a str,
+    #[serde(default, borrow)]
+    data: Option<EventData<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct EventData<'a> {
+    #[serde(borrow)]
+    u: &'a str,
+    n: u64,
+    t: u64,
 }
 
 /// Feeds publishers on the open-loop schedule; returns events scheduled.
@@ -506,6 +572,7 @@ async fn client_task(
     };
     let mut rng = fastrand::Rng::with_seed(index as u64);
     let mut churn_at = next_churn(&mut rng);
+    let mut stopped = run.stopped.subscribe();
     loop {
         if run.stop.load(Ordering::Relaxed) {
             break;
@@ -517,17 +584,17 @@ async fn client_task(
             }
         };
         tokio::select! {
-            msg = tokio::time::timeout(Duration::from_millis(50), ws.next()) => match msg {
-                Err(_) => continue, // re-check stop
-                Ok(Some(Ok(Message::Text(t)))) => {
-                    let Ok(v) = serde_json::from_str::<Value>(&t) else { continue };
-                    if v["type"] != "event" { continue }
-                    let d = &v["data"];
-                    let lane = match v["priority"].as_str() { Some("high") => 0, Some("low") => 2, _ => 1 };
-                    check.observe(&name, d["u"].as_str().unwrap_or(""), v["seq"].as_u64().unwrap_or(0), d["n"].as_u64().unwrap_or(0), lane);
+            _ = stopped.changed() => break,
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(t))) => {
+                    let Ok(ev) = serde_json::from_str::<EventFrame<'_>>(&t) else { continue };
+                    if ev.ty != "event" { continue }
+                    let Some(d) = ev.data else { continue };
+                    let lane = match ev.priority { "high" => 0, "low" => 2, _ => 1 };
+                    check.observe(&name, d.u, ev.seq, d.n, lane);
                     run.received.fetch_add(1, Ordering::Relaxed);
                     let now_us = run.start.elapsed().as_micros() as u64;
-                    lat.push(now_us.saturating_sub(d["t"].as_u64().unwrap_or(now_us)));
+                    lat.push(now_us.saturating_sub(d.t));
                     if lat.len() == 256 {
                         let _ = run.latency_tx.send(std::mem::replace(&mut lat, Vec::with_capacity(256)));
                     }
@@ -535,8 +602,8 @@ async fn client_task(
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
-                Ok(Some(Ok(_))) => {}
-                Ok(Some(Err(_)) | None) => {
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
                     // Dropped by the broker (e.g. 1013 for a slow reader): resume.
                     if !reconnect(&run, &target, user, index, &mut ws, &mut epoch, &mut check).await { break }
                 }

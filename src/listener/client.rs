@@ -51,6 +51,8 @@ pub enum Parsed {
 #[derive(Debug)]
 pub struct UpgradeRequest {
     pub accept_key: String,
+    /// The `Origin` header, lower-cased, if any.
+    pub origin: Option<String>,
     pub query_user: Option<String>,
     pub query_token: Option<String>,
     pub bearer: Option<String>,
@@ -59,16 +61,37 @@ pub struct UpgradeRequest {
 }
 
 /// Accepts client sockets until `shutdown` fires.
+///
+/// At most `--max-pending-handshakes` sockets may be between accept and
+/// hand-over at once (each also bounded by `--handshake-timeout`), so a flood
+/// of idle or slow connections cannot pile up; the excess gets 503 at once.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let pending = Arc::new(tokio::sync::Semaphore::new(shared.config.max_pending_handshakes));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((stream, _)) => {
-                tokio::spawn(handle(stream, shared.clone()));
-            }
+            Ok((mut stream, _)) => match pending.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        handle(stream, shared).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    tokio::spawn(async move {
+                        let r = Refusal::new(
+                            503,
+                            "too_many_handshakes",
+                            "too many connections are still handshaking",
+                        );
+                        let _ = tokio::time::timeout(Duration::from_secs(1), respond(&mut stream, &r)).await;
+                    });
+                }
+            },
             Err(e) => {
                 // Usually EMFILE/ENFILE: back off instead of spinning.
                 tracing::warn!(error = %e, "client accept failed");
@@ -123,6 +146,9 @@ async fn read_head(stream: &mut TcpStream) -> Result<(Vec<u8>, Bytes), Refusal> 
         buf.extend_from_slice(&chunk[..n]);
         if let Some(pos) = find_head_end(&buf[scan_from..]) {
             let end = scan_from + pos;
+            if end > MAX_HEAD {
+                return Err(Refusal::new(431, "header_too_large", "request head over 8 KiB"));
+            }
             let leftover = Bytes::copy_from_slice(&buf[end..]);
             buf.truncate(end);
             return Ok((buf, leftover));
@@ -183,6 +209,7 @@ pub fn parse_request(head: &[u8]) -> Result<Parsed, Refusal> {
     });
     let mut up = UpgradeRequest {
         accept_key: accept_key(key),
+        origin: header("origin").map(|o| o.trim_end_matches('/').to_ascii_lowercase()),
         query_user: None,
         query_token: None,
         bearer,
@@ -244,6 +271,15 @@ fn percent_decode(s: &str) -> Option<String> {
 
 type HandOverError = Box<(TcpStream, Refusal)>;
 
+/// Whether a browser `Origin` may open a socket (no header: not a browser).
+pub fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
+    match origin {
+        None => true,
+        Some(_) if allowed.is_empty() => true,
+        Some(o) => allowed.iter().any(|a| a == o),
+    }
+}
+
 /// Authenticates and hands the socket to its shard; on refusal gives the socket back.
 async fn hand_over(
     stream: TcpStream,
@@ -251,6 +287,12 @@ async fn hand_over(
     up: UpgradeRequest,
     leftover: Bytes,
 ) -> Result<(), HandOverError> {
+    if !origin_allowed(&shared.config.allowed_origins, up.origin.as_deref()) {
+        return Err(Box::new((
+            stream,
+            Refusal::new(403, "forbidden_origin", "this Origin may not open a socket"),
+        )));
+    }
     let creds = Credentials {
         query_user: up.query_user.as_deref(),
         query_token: up.query_token.as_deref(),
@@ -308,6 +350,7 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
@@ -375,6 +418,20 @@ mod tests {
             panic!("expected upgrade")
         };
         assert_eq!(u.bearer.as_deref(), Some("abc.def"));
+    }
+
+    #[test]
+    fn origins() {
+        let allowed = vec!["https://app.example".to_string()];
+        assert!(origin_allowed(&allowed, None));
+        assert!(origin_allowed(&allowed, Some("https://app.example")));
+        assert!(!origin_allowed(&allowed, Some("https://evil.example")));
+        assert!(origin_allowed(&[], Some("https://anything")));
+        let Parsed::Upgrade(u) = parse_request(&upgrade("/ws", "Origin: https://App.Example/\r\n")).unwrap()
+        else {
+            panic!("expected upgrade")
+        };
+        assert_eq!(u.origin.as_deref(), Some("https://app.example"));
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod auth;
 mod bad_input;
 mod core;
 mod delivery;
+mod hostile;
 mod limits;
 mod observability;
 mod process;

@@ -1,7 +1,6 @@
 //! The real binary: flags, refusals, and SIGTERM.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use serde_json::json;
 
@@ -50,34 +49,6 @@ fn help_documents_every_flag() {
     {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
-}
-
-/// Starts the binary with JSON logs; returns the child and its two addresses.
-fn spawn_binary(extra: &[&str]) -> (std::process::Child, String, String) {
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0", "--log-format", "json"])
-        .args(extra)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn broker");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                panic!("a log line that is not JSON: {line}");
-            };
-            if v["fields"]["message"] == "switchyard listening" {
-                let _ = tx.send((
-                    v["fields"]["client"].as_str().unwrap_or_default().to_string(),
-                    v["fields"]["api"].as_str().unwrap_or_default().to_string(),
-                ));
-            }
-        }
-    });
-    let (client, api) = rx.recv_timeout(WAIT).expect("broker logs its addresses");
-    (child, client, api)
 }
 
 #[tokio::test]

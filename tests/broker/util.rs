@@ -215,3 +215,31 @@ pub async fn raw_upgrade(addr: SocketAddr, path: &str, extra_headers: &str) -> (
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
+
+/// Starts the binary with JSON logs; returns the child and its two addresses.
+pub fn spawn_binary(extra: &[&str]) -> (std::process::Child, String, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(extra)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn broker");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                panic!("a log line that is not JSON: {line}");
+            };
+            if v["fields"]["message"] == "switchyard listening" {
+                let _ = tx.send((
+                    v["fields"]["client"].as_str().unwrap_or_default().to_string(),
+                    v["fields"]["api"].as_str().unwrap_or_default().to_string(),
+                ));
+            }
+        }
+    });
+    let (client, api) = rx.recv_timeout(WAIT).expect("broker logs its addresses");
+    (child, client, api)
+}
