@@ -37,6 +37,7 @@ def main(argv):
     ap.add_argument("-o", "--output", required=True, help="PNG to write")
     ap.add_argument("--title", default="switchyard latency by percentile")
     ap.add_argument("--unit", default="µs", help="unit of the .hgrm values")
+    ap.add_argument("--log-y", action="store_true", help="log-scale latency axis")
     ap.add_argument("files", nargs="+", help="file.hgrm or file.hgrm=label")
     args = ap.parse_args(argv)
 
@@ -59,6 +60,8 @@ def main(argv):
         ax.plot(xs, ys, label=label or path, linewidth=1.6)
 
     ax.set_xscale("log")
+    if args.log_y:
+        ax.set_yscale("log")
     ticks = [1, 2, 10, 100, 1000, 10000, 100000, 1000000]
     labels = ["0%", "50%", "90%", "99%", "99.9%", "99.99%", "99.999%", "99.9999%"]
     keep = [i for i, t in enumerate(ticks) if t <= max_x * 1.01]
