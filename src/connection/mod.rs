@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, WebSocketError};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::task::AbortHandle;
 
 use crate::metrics::bump;
@@ -185,7 +185,8 @@ enum Step {
 
 /// The writer task: runs until the connection closes, then deregisters it.
 pub async fn run_writer(core: Rc<ShardCore>, conn: Rc<Conn>, mut sock: OwnedWriteHalf) {
-    let mut batch: Vec<Outbound> = Vec::with_capacity(MAX_BATCH);
+    // Grows to the largest batch this connection has needed (idle ones stay tiny).
+    let mut batch: Vec<Outbound> = Vec::new();
     loop {
         batch.clear();
         let step = std::future::poll_fn(|cx| next_step(&conn, &mut batch, cx)).await;
@@ -317,74 +318,148 @@ async fn write_batch(conn: &Conn, sock: &mut OwnedWriteHalf, batch: &[Outbound])
     Ok(calls)
 }
 
+/// Bytes a frame of `payload_len` occupies on the wire when sent by a client
+/// (client frames are always masked: 4 bytes of key).
+fn client_frame_len(payload_len: usize) -> u64 {
+    let ext = if payload_len < 126 {
+        0
+    } else if payload_len <= u16::MAX as usize {
+        2
+    } else {
+        8
+    };
+    (2 + ext + 4 + payload_len) as u64
+}
+
+/// The read half as fastwebsockets sees it: first any bytes the listener
+/// already read past the request head, then the socket; counts every byte
+/// handed over, so the reader knows when fastwebsockets' buffer is empty.
+struct Counted<'a> {
+    inner: &'a mut OwnedReadHalf,
+    prefix: Bytes,
+    total: Rc<Cell<u64>>,
+}
+
+impl AsyncRead for Counted<'_> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            this.total.set(this.total.get() + n as u64);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            this.total.set(this.total.get() + (buf.filled().len() - before) as u64);
+        }
+        r
+    }
+}
+
 /// The reader task: runs until the client closes, errs, or the writer stops it.
-pub async fn run_reader<R>(conn: Rc<Conn>, read: R)
-where
-    R: AsyncRead + Unpin,
-{
-    let (mut ws, _) =
-        fastwebsockets::after_handshake_split(read, tokio::io::sink(), fastwebsockets::Role::Server);
-    ws.set_auto_close(true);
-    ws.set_auto_pong(true);
-    // fastwebsockets rejects a frame when `len >= max`, so allow exactly 4096.
-    ws.set_max_message_size(MAX_CLIENT_MESSAGE + 1);
+///
+/// Clients of this broker rarely send anything, so the reader holds no read
+/// buffer while idle: it waits for the socket to become readable, only then
+/// builds a fastwebsockets reader (which allocates its 8 KiB buffer), and
+/// drops it again as soon as every byte it was handed has been consumed as
+/// whole frames.
+pub async fn run_reader(conn: Rc<Conn>, mut read: OwnedReadHalf, mut leftover: Bytes) {
     let mut fragments: Option<(OpCode, Vec<u8>)> = None;
     loop {
-        let obligated = conn.clone();
-        let mut send = move |mut frame: Frame<'_>| {
-            let mut buf = Vec::with_capacity(frame.payload.len() + wsframe::MAX_HEADER_LEN);
-            let bytes = Bytes::copy_from_slice(frame.write(&mut buf));
-            if frame.opcode == OpCode::Close {
-                obligated.set_closing(CloseMode::Now(Some(bytes)));
-            } else {
-                obligated.push_control(bytes);
-            }
-            std::future::ready(Ok::<(), std::convert::Infallible>(()))
-        };
-        let frame = match ws.read_frame(&mut send).await {
-            Ok(f) => f,
-            Err(e) => {
-                close_for_read_error(&conn, e);
+        // Wait (without a buffer) until at least one byte is there: `peek`
+        // consumes nothing, and unlike readiness it cannot be stale.
+        if leftover.is_empty() && read.peek(&mut [0u8; 1]).await.is_err() {
+            conn.abandon();
+            return;
+        }
+        let total = Rc::new(Cell::new(0u64));
+        let counted = Counted { inner: &mut read, prefix: std::mem::take(&mut leftover), total: total.clone() };
+        let (mut ws, _) =
+            fastwebsockets::after_handshake_split(counted, tokio::io::sink(), fastwebsockets::Role::Server);
+        ws.set_auto_close(true);
+        // Pings are answered here, so that every frame read is seen and counted.
+        ws.set_auto_pong(false);
+        // fastwebsockets rejects a frame when `len >= max`, so allow exactly 4096.
+        ws.set_max_message_size(MAX_CLIENT_MESSAGE + 1);
+        let mut consumed = 0u64;
+        loop {
+            let obligated = conn.clone();
+            let mut send = move |mut frame: Frame<'_>| {
+                let mut buf = Vec::with_capacity(frame.payload.len() + wsframe::MAX_HEADER_LEN);
+                let bytes = Bytes::copy_from_slice(frame.write(&mut buf));
+                if frame.opcode == OpCode::Close {
+                    obligated.set_closing(CloseMode::Now(Some(bytes)));
+                } else {
+                    obligated.push_control(bytes);
+                }
+                std::future::ready(Ok::<(), std::convert::Infallible>(()))
+            };
+            let frame = match ws.read_frame(&mut send).await {
+                Ok(f) => f,
+                Err(e) => {
+                    close_for_read_error(&conn, e);
+                    return;
+                }
+            };
+            conn.last_recv.set(Instant::now());
+            consumed += client_frame_len(frame.payload.len());
+            if !handle_frame(&conn, &mut fragments, frame) {
                 return;
             }
-        };
-        conn.last_recv.set(Instant::now());
-        match frame.opcode {
-            OpCode::Close => return, // the echo is already queued
-            OpCode::Ping | OpCode::Pong => {}
-            OpCode::Text | OpCode::Binary => {
-                if fragments.is_some() {
-                    conn.close_now(1002, "new message inside a fragmented one");
+            match consumed.cmp(&total.get()) {
+                std::cmp::Ordering::Equal => break, // buffer empty: drop it while idle
+                std::cmp::Ordering::Less => continue,
+                std::cmp::Ordering::Greater => {
+                    // Only an unmasked client frame makes the count run ahead.
+                    conn.close_now(1002, "client frames must be masked");
                     return;
-                }
-                if frame.fin {
-                    handle_message(&conn, frame.opcode, &frame.payload);
-                } else {
-                    fragments = Some((frame.opcode, frame.payload.to_vec()));
-                }
-            }
-            OpCode::Continuation => {
-                let Some((op, mut buf)) = fragments.take() else {
-                    conn.close_now(1002, "continuation without a message");
-                    return;
-                };
-                if buf.len() + frame.payload.len() > MAX_CLIENT_MESSAGE {
-                    conn.close_now(1009, "message too big");
-                    return;
-                }
-                buf.extend_from_slice(&frame.payload);
-                if frame.fin {
-                    if op == OpCode::Text && std::str::from_utf8(&buf).is_err() {
-                        conn.close_now(1007, "invalid UTF-8");
-                        return;
-                    }
-                    handle_message(&conn, op, &buf);
-                } else {
-                    fragments = Some((op, buf));
                 }
             }
         }
     }
+}
+
+/// Applies one client frame. Returns false when the connection must stop reading.
+fn handle_frame(conn: &Conn, fragments: &mut Option<(OpCode, Vec<u8>)>, frame: Frame<'_>) -> bool {
+    match frame.opcode {
+        OpCode::Close => return false, // the echo is already queued
+        OpCode::Ping => conn.push_control(wsframe::frame(wsframe::OP_PONG, &frame.payload)),
+        OpCode::Pong => {}
+        OpCode::Text | OpCode::Binary => {
+            if fragments.is_some() {
+                conn.close_now(1002, "new message inside a fragmented one");
+                return false;
+            }
+            if frame.fin {
+                handle_message(conn, frame.opcode, &frame.payload);
+            } else {
+                *fragments = Some((frame.opcode, frame.payload.to_vec()));
+            }
+        }
+        OpCode::Continuation => {
+            let Some((op, mut buf)) = fragments.take() else {
+                conn.close_now(1002, "continuation without a message");
+                return false;
+            };
+            if buf.len() + frame.payload.len() > MAX_CLIENT_MESSAGE {
+                conn.close_now(1009, "message too big");
+                return false;
+            }
+            buf.extend_from_slice(&frame.payload);
+            if frame.fin {
+                if op == OpCode::Text && std::str::from_utf8(&buf).is_err() {
+                    conn.close_now(1007, "invalid UTF-8");
+                    return false;
+                }
+                handle_message(conn, op, &buf);
+            } else {
+                *fragments = Some((op, buf));
+            }
+        }
+    }
+    true
 }
 
 fn close_for_read_error(conn: &Conn, e: WebSocketError) {

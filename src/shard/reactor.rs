@@ -247,8 +247,7 @@ impl ShardCore {
         drop(users);
 
         let (read, write) = stream.into_split();
-        let read = tokio::io::AsyncReadExt::chain(std::io::Cursor::new(a.leftover), read);
-        let reader = tokio::task::spawn_local(connection::run_reader(conn.clone(), read));
+        let reader = tokio::task::spawn_local(connection::run_reader(conn.clone(), read, a.leftover));
         conn.set_reader(reader.abort_handle());
         tokio::task::spawn_local(connection::run_writer(self.clone(), conn, write));
     }
