@@ -20,38 +20,35 @@ use crate::shard::{Command, ShardSnapshot};
 /// shutting down no longer answers).
 const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Asks every shard for its snapshot (shards whose ring is full are skipped).
-pub async fn snapshots(shared: &Shared) -> Vec<ShardSnapshot> {
+/// Asks every shard the same question through its ring and collects the
+/// answers that arrive in time (a shard whose ring is full is skipped).
+async fn ask_all<T>(shared: &Shared, ask: impl Fn(oneshot::Sender<T>) -> Command) -> Vec<T> {
     let mut rxs = Vec::new();
     for s in shared.shards.iter() {
         let (tx, rx) = oneshot::channel();
-        if s.ring.push(Command::Snapshot { reply: tx }).is_ok() {
+        if s.ring.push(ask(tx)).is_ok() {
             rxs.push(rx);
         }
     }
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(rxs.len());
     for rx in rxs {
-        if let Ok(Ok(s)) = tokio::time::timeout(REPLY_TIMEOUT, rx).await {
-            out.push(s);
+        if let Ok(Ok(v)) = tokio::time::timeout(REPLY_TIMEOUT, rx).await {
+            out.push(v);
         }
     }
     out
 }
 
+/// Every shard's snapshot.
+pub async fn snapshots(shared: &Shared) -> Vec<ShardSnapshot> {
+    ask_all(shared, |reply| Command::Snapshot { reply }).await
+}
+
 /// The merged latency histograms of every shard; `reset` clears them after reading.
 pub async fn merged_latency(shared: &Shared, reset: bool) -> Latency {
-    let mut rxs = Vec::new();
-    for s in shared.shards.iter() {
-        let (tx, rx) = oneshot::channel();
-        if s.ring.push(Command::Latency { reset, reply: tx }).is_ok() {
-            rxs.push(rx);
-        }
-    }
     let mut merged = Latency::default();
-    for rx in rxs {
-        if let Ok(Ok(l)) = tokio::time::timeout(REPLY_TIMEOUT, rx).await {
-            merged.merge(&l);
-        }
+    for l in ask_all(shared, |reply| Command::Latency { reset, reply }).await {
+        merged.merge(&l);
     }
     merged
 }

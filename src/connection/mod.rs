@@ -341,7 +341,11 @@ struct Counted<'a> {
 }
 
 impl AsyncRead for Counted<'_> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         if !this.prefix.is_empty() {
             let n = this.prefix.len().min(buf.remaining());
@@ -375,7 +379,8 @@ pub async fn run_reader(conn: Rc<Conn>, mut read: OwnedReadHalf, mut leftover: B
             return;
         }
         let total = Rc::new(Cell::new(0u64));
-        let counted = Counted { inner: &mut read, prefix: std::mem::take(&mut leftover), total: total.clone() };
+        let counted =
+            Counted { inner: &mut read, prefix: std::mem::take(&mut leftover), total: total.clone() };
         let (mut ws, _) =
             fastwebsockets::after_handshake_split(counted, tokio::io::sink(), fastwebsockets::Role::Server);
         ws.set_auto_close(true);

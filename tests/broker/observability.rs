@@ -165,25 +165,9 @@ fn sigusr1_and_shutdown_write_hgrm_files() {
             .count()
     };
     // Bounded wait for the broker to be up (the interval log appears at start).
-    let mut up = false;
-    for _ in 0..500 {
-        if count("hlog") == 1 {
-            up = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    assert!(up, "interval log created");
+    poll_until("interval log created", || count("hlog") == 1);
     Command::new("kill").args(["-USR1", &child.id().to_string()]).status().unwrap();
-    let mut dumped = false;
-    for _ in 0..500 {
-        if count("hgrm") == 1 {
-            dumped = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    assert!(dumped, "SIGUSR1 wrote a .hgrm");
+    poll_until("SIGUSR1 wrote a .hgrm", || count("hgrm") == 1);
     // Bounded wait for the interval log to hold at least one interval.
     let hlog = std::fs::read_dir(dir.path())
         .unwrap()
@@ -197,15 +181,7 @@ fn sigusr1_and_shutdown_write_hgrm_files() {
             .filter(|e| matches!(e, Ok(hdrhistogram::serialization::interval_log::LogEntry::Interval(_))))
             .count()
     };
-    let mut logged = false;
-    for _ in 0..500 {
-        if intervals() >= 1 {
-            logged = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    assert!(logged, "the interval log holds intervals");
+    poll_until("the interval log holds intervals", || intervals() >= 1);
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(child.wait().unwrap().success());
     assert_eq!(count("hgrm"), 2, "shutdown wrote another");
@@ -216,4 +192,16 @@ fn sigusr1_and_shutdown_write_hgrm_files() {
         .unwrap();
     let text = std::fs::read_to_string(file.path()).unwrap();
     assert!(text.contains("Value     Percentile TotalCount 1/(1-Percentile)"), "{text}");
+}
+
+/// Polls `done` every 10 ms for at most 5 s (for effects outside the process,
+/// such as files a signal handler writes, that offer nothing to await).
+fn poll_until(what: &str, done: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("timed out waiting: {what}");
 }
