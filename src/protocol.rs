@@ -189,8 +189,20 @@ pub fn parse_broadcast(raw: &mut [u8], redactor: &Redactor) -> Result<BroadcastR
     Ok(BroadcastRequest { event: prepare_event(&mut value, redactor)? })
 }
 
+thread_local! {
+    /// simd-json's scratch buffers, reused across parses on this thread
+    /// instead of allocated per publish object.
+    static PARSE_BUFFERS: std::cell::RefCell<simd_json::Buffers> =
+        std::cell::RefCell::new(simd_json::Buffers::default());
+}
+
 fn parse_json(raw: &mut [u8]) -> Result<BorrowedValue<'_>, InvalidInput> {
-    simd_json::to_borrowed_value(raw)
+    PARSE_BUFFERS
+        .with(|b| match b.try_borrow_mut() {
+            Ok(mut buffers) => simd_json::to_borrowed_value_with_buffers(raw, &mut buffers),
+            // Re-entrant use on this thread (cannot happen today): fresh buffers.
+            Err(_) => simd_json::to_borrowed_value(raw),
+        })
         .map_err(|e| InvalidInput::new("invalid_json", format!("invalid JSON: {e}")))
 }
 

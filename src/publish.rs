@@ -6,6 +6,7 @@
 //! before anything is pushed, so a publish that gets 503 left no trace. The
 //! only waits are for the shards' replies; nothing here blocks a shard.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -76,6 +77,18 @@ impl Published {
                 })).collect::<Vec<_>>()
             }),
             Published::Accepted => serde_json::json!({"accepted": true}),
+        }
+    }
+
+    /// Appends this result's JSON to `out`; the common single-user case is
+    /// formatted directly (no intermediate JSON tree), since it is written
+    /// once per item on the publisher stream.
+    pub fn write_json(&self, out: &mut String) {
+        match self {
+            Published::One(d) => {
+                let _ = write!(out, "{{\"seq\":{},\"delivered\":{}}}", d.seq, d.delivered);
+            }
+            other => out.push_str(&other.to_json().to_string()),
         }
     }
 }

@@ -80,11 +80,12 @@ async fn run(
             OpCode::Text => handle_frame(&shared, &frame.payload, acks).await,
             OpCode::Binary => vec![serde_json::json!({
                 "type": "error", "code": "bad_request", "message": "send publish objects as text frames", "index": 0
-            })],
+            })
+            .to_string()],
             _ => continue,
         };
         for r in replies {
-            let payload = Payload::Owned(r.to_string().into_bytes());
+            let payload = Payload::Owned(r.into_bytes());
             if ws.write_frame(Frame::text(payload)).await.is_err() {
                 return;
             }
@@ -93,19 +94,19 @@ async fn run(
 }
 
 /// Submits one frame's items; returns the frames to send back.
-async fn handle_frame(shared: &Shared, payload: &[u8], acks: bool) -> Vec<serde_json::Value> {
+async fn handle_frame(shared: &Shared, payload: &[u8], acks: bool) -> Vec<String> {
     let items = match batch::split(payload) {
         Ok(items) => items,
         Err(e) => {
             shared.api_errors.count(e.code);
-            return vec![
-                serde_json::json!({"type": "error", "code": e.code, "message": e.message, "index": 0}),
-            ];
+            let err = serde_json::json!({"type": "error", "code": e.code, "message": e.message, "index": 0});
+            return vec![err.to_string()];
         }
     };
     let parsed = items.iter().map(|raw| publish::parse_raw(shared, raw)).collect();
     let submitted = publish::submit_all(shared, parsed, acks);
-    let mut results = Vec::with_capacity(if acks { submitted.len() } else { 0 });
+    let mut ack = String::with_capacity(if acks { 32 + 32 * submitted.len() } else { 0 });
+    ack.push_str("{\"type\":\"ack\",\"results\":[");
     let mut errors = Vec::new();
     for (index, s) in submitted.into_iter().enumerate() {
         let r = match s {
@@ -113,22 +114,27 @@ async fn handle_frame(shared: &Shared, payload: &[u8], acks: bool) -> Vec<serde_
             Ok(_) => continue,
             Err(e) => Err(e),
         };
+        if acks && index > 0 {
+            ack.push(',');
+        }
         match r {
-            Ok(p) => results.push(p.to_json()),
+            Ok(p) => p.write_json(&mut ack),
             Err(e) => {
                 shared.api_errors.count(e.code());
                 if acks {
-                    results.push(e.to_json());
+                    ack.push_str(&e.to_json().to_string());
                 } else {
-                    errors.push(serde_json::json!({
+                    let err = serde_json::json!({
                         "type": "error", "code": e.code(), "message": e.to_string(), "index": index
-                    }));
+                    });
+                    errors.push(err.to_string());
                 }
             }
         }
     }
     if acks {
-        vec![serde_json::json!({"type": "ack", "results": results})]
+        ack.push_str("]}");
+        vec![ack]
     } else {
         errors
     }
