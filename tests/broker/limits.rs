@@ -57,3 +57,35 @@ async fn operator_can_drop_a_user() {
     assert_eq!(v, json!({"closed": 0}));
     b.stop().await;
 }
+
+#[tokio::test]
+async fn silent_clients_are_closed_with_4002_and_ponging_ones_stay() {
+    let b = TestBroker::with(|c| {
+        c.ping_interval = std::time::Duration::from_millis(100);
+        c.idle_timeout = std::time::Duration::from_millis(400);
+    });
+    // A client that reads (and so answers protocol pings) stays connected...
+    let (mut alive, _) = b.connect("alive").await;
+    // ...one that never reads never pongs, and is cut.
+    let silent = raw_ws_silent(b.client, "user=silent").await;
+    let keep_reading = tokio::spawn(async move {
+        // Read (answering pings) until the first event arrives.
+        let ev = next_json(&mut alive).await;
+        (ev, alive)
+    });
+    // Only the silent one is closed: wait for its close while the other pongs.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (_, stats) = b.get("/v1/stats").await;
+        if stats["connections"] == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the silent client was not cut: {stats}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(raw_close_code(silent).await, Some(4002));
+    b.publish("alive", "still-here", json!(null)).await;
+    let (ev, _alive) = keep_reading.await.unwrap();
+    assert_eq!(ev["event"], "still-here", "the ponging client outlived several idle timeouts");
+    b.stop().await;
+}

@@ -243,3 +243,37 @@ pub fn spawn_binary(extra: &[&str]) -> (std::process::Child, String, String) {
     let (client, api) = rx.recv_timeout(WAIT).expect("broker logs its addresses");
     (child, client, api)
 }
+
+/// Opens a WebSocket with a hand-written handshake and returns the raw socket
+/// without reading anything: a client that never reads and never answers pings.
+pub async fn raw_ws_silent(addr: SocketAddr, query: &str) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "GET /ws?{query} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    s
+}
+
+/// Reads a raw server stream to its end and returns the close code it carried.
+pub async fn raw_close_code(mut s: TcpStream) -> Option<u16> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await.expect("stream ends in time");
+    let start = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let mut i = start;
+    while i + 2 <= buf.len() {
+        let op = buf[i] & 0x0f;
+        let (hdr, len) = match buf[i + 1] & 0x7f {
+            126 => (4, u16::from_be_bytes([buf[i + 2], buf[i + 3]]) as usize),
+            127 => (10, u64::from_be_bytes(buf[i + 2..i + 10].try_into().ok()?) as usize),
+            n => (2, n as usize),
+        };
+        if op == 0x8 && len >= 2 {
+            return Some(u16::from_be_bytes([buf[i + hdr], buf[i + hdr + 1]]));
+        }
+        i += hdr + len;
+    }
+    None
+}
