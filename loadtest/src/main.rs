@@ -652,8 +652,14 @@ async fn reconnect(
     false
 }
 
+/// Live progress: an indicatif line redrawn in place on a terminal, plain
+/// lines (one a second) otherwise, so logs stay readable.
 async fn progress_task(run: Arc<Run>) {
-    let tty = std::io::stderr().is_terminal();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    });
     let mut last = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
@@ -668,10 +674,9 @@ async fn progress_task(run: Arc<Run>) {
             run.resumes.load(Ordering::Relaxed)
         );
         last = recv;
-        if tty {
-            eprint!("\r{line}   ");
-        } else {
-            eprintln!("{line}");
+        match &bar {
+            Some(bar) => bar.set_message(line),
+            None => eprintln!("{line}"),
         }
     }
 }
