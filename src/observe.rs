@@ -26,7 +26,7 @@ async fn ask_all<T>(shared: &Shared, ask: impl Fn(oneshot::Sender<T>) -> Command
     let mut rxs = Vec::new();
     for s in shared.shards.iter() {
         let (tx, rx) = oneshot::channel();
-        if s.ring.push(ask(tx)).is_ok() {
+        if s.push(ask(tx)).is_ok() {
             rxs.push(rx);
         }
     }

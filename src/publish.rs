@@ -13,7 +13,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
 
 use crate::broker::Shared;
-use crate::metrics::bump;
 use crate::protocol::{self, InvalidInput, PreparedEvent, PublishRequest, Target, UserId};
 use crate::shard::{BroadcastOutcome, Command, Delivery, Permit, PublishCmd};
 
@@ -114,11 +113,6 @@ pub fn submit_raw(shared: &Shared, raw: &[u8], want_reply: bool) -> Result<Pendi
     submit_all(shared, vec![Ok(req)], want_reply).pop().unwrap_or(Err(PublishError::Unavailable))
 }
 
-/// Submits a validated publish.
-pub fn submit(shared: &Shared, req: PublishRequest, want_reply: bool) -> Result<Pending, PublishError> {
-    submit_all(shared, vec![Ok(req)], want_reply).pop().unwrap_or(Err(PublishError::Unavailable))
-}
-
 /// Submits many publishes (a batch or a stream frame) in order, with one
 /// reservation and one wake-up per shard instead of one per item.
 ///
@@ -156,18 +150,7 @@ pub fn submit_all(
     let mut permits: Vec<Option<Permit<'_, Command>>> = counts
         .iter()
         .enumerate()
-        .map(|(s, &n)| {
-            if n == 0 {
-                return None;
-            }
-            match shared.shards[s].ring.reserve(n) {
-                Ok(p) => Some(p),
-                Err(_) => {
-                    bump(&shared.shards[s].metrics.ring_full, 1);
-                    None
-                }
-            }
-        })
+        .map(|(s, &n)| if n == 0 { None } else { shared.shards[s].reserve(n).ok() })
         .collect();
     let out = routed
         .into_iter()
@@ -229,13 +212,7 @@ pub async fn broadcast(shared: &Shared, event: Arc<PreparedEvent>) -> Result<Bro
     let ts_ms = unix_ms();
     let mut permits = Vec::with_capacity(shared.shards.len());
     for s in shared.shards.iter() {
-        match s.ring.reserve(1) {
-            Ok(p) => permits.push(p),
-            Err(_) => {
-                bump(&s.metrics.ring_full, 1);
-                return Err(PublishError::Overloaded);
-            }
-        }
+        permits.push(s.reserve(1).map_err(|_| PublishError::Overloaded)?);
     }
     let mut replies = Vec::with_capacity(permits.len());
     for mut p in permits {

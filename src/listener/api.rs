@@ -226,7 +226,7 @@ async fn user_route(method: Method, raw_id: &str, shared: &Shared) -> Response<B
     match method {
         Method::GET => {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            if shard.ring.push(Command::UserInfo { user, reply: tx }).is_err() {
+            if shard.push(Command::UserInfo { user, reply: tx }).is_err() {
                 return error(503, "overloaded", "the shard is busy; retry shortly");
             }
             match rx.await {
@@ -241,7 +241,7 @@ async fn user_route(method: Method, raw_id: &str, shared: &Shared) -> Response<B
         }
         Method::DELETE => {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            if shard.ring.push(Command::DropUser { user, reply: tx }).is_err() {
+            if shard.push(Command::DropUser { user, reply: tx }).is_err() {
                 return error(503, "overloaded", "the shard is busy; retry shortly");
             }
             match rx.await {

@@ -327,11 +327,10 @@ async fn hand_over(
     };
     let shard = shared.router.shard_for(&user);
     let cmd = Command::Attach(Box::new(AttachCmd { user, stream: std_stream, response, leftover, resume }));
-    match shared.shards[shard].ring.push(cmd) {
+    match shared.shards[shard].push(cmd) {
         Ok(()) => Ok(()),
         Err((_, cmd)) => {
             shared.release_connection();
-            crate::metrics::bump(&shared.shards[shard].metrics.ring_full, 1);
             let Command::Attach(a) = cmd else { return Ok(()) };
             let Ok(stream) = TcpStream::from_std(a.stream) else { return Ok(()) };
             Err(Box::new((stream, Refusal::new(503, "overloaded", "shard is busy; retry shortly"))))

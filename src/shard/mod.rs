@@ -126,4 +126,14 @@ impl ShardHandle {
     pub fn new(id: usize, ring_capacity: usize) -> Self {
         ShardHandle { id, ring: Ring::new(ring_capacity), metrics: ShardMetrics::default() }
     }
+
+    /// Reserves room for `n` commands, counting a refusal in `ring_full`.
+    pub fn reserve(&self, n: usize) -> Result<Permit<'_, Command>, RingFull> {
+        self.ring.reserve(n).inspect_err(|_| crate::metrics::bump(&self.metrics.ring_full, 1))
+    }
+
+    /// Pushes one command, counting a refusal in `ring_full`.
+    pub fn push(&self, cmd: Command) -> Result<(), (RingFull, Command)> {
+        self.ring.push(cmd).inspect_err(|_| crate::metrics::bump(&self.metrics.ring_full, 1))
+    }
 }
