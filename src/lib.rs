@@ -24,6 +24,7 @@ pub mod batch;
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod fdlimit;
 pub mod histdump;
 pub mod listener;
 pub mod metrics;

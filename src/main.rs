@@ -18,7 +18,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    raise_fd_limit(config.max_connections as u64 + 4096);
+    let want = config.max_connections as u64 + 4096;
+    let limit = switchyard::fdlimit::raise(want);
+    if limit < want {
+        tracing::warn!(limit, wanted = want, "open-file limit is below --max-connections");
+    }
     let hist_dir = config.hist_dir.clone();
     let broker = match switchyard::start(config) {
         Ok(b) => b,
@@ -40,28 +44,6 @@ fn main() -> ExitCode {
     }
     tracing::info!("stopped");
     ExitCode::SUCCESS
-}
-
-/// Raises the open-file limit so `--max-connections` sockets can be held:
-/// the soft limit up to `want` (raising the hard limit too where permitted),
-/// else as far as the hard limit allows.
-fn raise_fd_limit(want: u64) {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes into a valid, local rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur >= want {
-        return;
-    }
-    let raised = libc::rlimit { rlim_cur: want, rlim_max: lim.rlim_max.max(want) };
-    // SAFETY: setrlimit reads a valid, local rlimit; failure leaves the limit unchanged.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-        return;
-    }
-    let soft = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
-    // SAFETY: as above.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft) };
-    if lim.rlim_max < want {
-        tracing::warn!(limit = lim.rlim_max, wanted = want, "open-file limit is below --max-connections");
-    }
 }
 
 fn init_logs(format: LogFormat) {

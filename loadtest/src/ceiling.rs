@@ -32,19 +32,7 @@ fn frame(payload: usize) -> Vec<u8> {
         "{{\"type\":\"event\",\"seq\":1,\"event\":\"load\",\"data\":{{\"p\":\"{}\"}},\"priority\":\"normal\",\"ts\":1}}",
         "x".repeat(payload)
     );
-    let mut out = vec![0x81];
-    let n = body.len();
-    if n < 126 {
-        out.push(n as u8);
-    } else if n <= 65535 {
-        out.push(126);
-        out.extend_from_slice(&(n as u16).to_be_bytes());
-    } else {
-        out.push(127);
-        out.extend_from_slice(&(n as u64).to_be_bytes());
-    }
-    out.extend_from_slice(body.as_bytes());
-    out
+    switchyard::wsframe::text_frame(body.as_bytes()).to_vec()
 }
 
 /// Runs the ceiling measurement.

@@ -16,6 +16,7 @@ use clap::{Args, Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
+use switchyard::config::parse_duration;
 use switchyard_load::check::{ConnCheck, Totals};
 use switchyard_load::trace::{self, Planned, TraceEvent};
 use tokio::net::TcpStream;
@@ -132,19 +133,6 @@ struct ReplayArgs {
     stagger: Duration,
 }
 
-fn parse_duration(raw: &str) -> Result<Duration, String> {
-    let raw = raw.trim();
-    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
-    let (n, unit) = raw.split_at(split);
-    let n: u64 = n.parse().map_err(|_| format!("{raw:?} is not a duration (500ms, 3s, 1m)"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("unknown unit in {raw:?}")),
-    }
-}
-
 /// What to publish, in time order.
 enum Plan {
     Rate { per_sec: Option<f64>, duration: Duration, payload: usize, mix: [u32; 3] },
@@ -216,19 +204,9 @@ fn parse_mix(raw: &str) -> anyhow::Result<[u32; 3]> {
     }
 }
 
+/// Plenty of sockets (root may raise the hard limit), else the hard limit.
 fn raise_fd_limit() {
-    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
-    unsafe {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            // Ask for plenty (root may raise the hard limit), else settle for the hard limit.
-            let want = libc::rlimit { rlim_cur: 1 << 20, rlim_max: lim.rlim_max.max(1 << 20) };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 && lim.rlim_cur < lim.rlim_max {
-                lim.rlim_cur = lim.rlim_max;
-                let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            }
-        }
-    }
+    switchyard::fdlimit::raise(1 << 20);
 }
 
 /// Shared run state.
