@@ -108,12 +108,9 @@ pub async fn interval_log(
         let written = IntervalLogWriterBuilder::new()
             .begin_log_with(&mut buf, &mut serializer)
             .map_err(|e| e.to_string())
-            .and_then(|mut w| {
-                w.write_histogram(&delta, offset, duration, None).map_err(|e| format!("{e:?}"))
-            });
-        if let Err(e) =
-            written.map_err(|e| e.to_string()).and_then(|_| file.write_all(&buf).map_err(|e| e.to_string()))
-        {
+            .and_then(|mut w| w.write_histogram(&delta, offset, duration, None).map_err(|e| format!("{e:?}")))
+            .and_then(|_| file.write_all(&buf).map_err(|e| e.to_string()));
+        if let Err(e) = written {
             tracing::error!(error = %e, "cannot append to the interval log");
             return;
         }

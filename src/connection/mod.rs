@@ -283,14 +283,12 @@ async fn write_batch(conn: &Conn, sock: &mut OwnedWriteHalf, batch: &[Outbound])
                 let rest = (off > 0).then(|| batch[idx].frame.slice(off..));
                 return Poll::Ready(Err(WriteFailed::Aborted { rest }));
             }
+            let rest = &batch[idx..];
             let mut slices = [IoSlice::new(&[]); MAX_BATCH];
-            let mut count = 0;
-            for (i, o) in batch[idx..].iter().enumerate() {
-                let start = if i == 0 { off } else { 0 };
-                slices[count] = IoSlice::new(&o.frame[start..]);
-                count += 1;
+            for (i, (slot, o)) in slices.iter_mut().zip(rest).enumerate() {
+                *slot = IoSlice::new(&o.frame[if i == 0 { off } else { 0 }..]);
             }
-            match Pin::new(&mut *sock).poll_write_vectored(cx, &slices[..count]) {
+            match Pin::new(&mut *sock).poll_write_vectored(cx, &slices[..rest.len().min(MAX_BATCH)]) {
                 Poll::Pending => {
                     conn.park(cx);
                     Poll::Pending

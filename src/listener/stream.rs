@@ -105,8 +105,11 @@ async fn handle_frame(shared: &Shared, payload: &[u8], acks: bool) -> Vec<String
     };
     let parsed = items.iter().map(|raw| publish::parse_raw(shared, raw)).collect();
     let submitted = publish::submit_all(shared, parsed, acks);
-    let mut ack = String::with_capacity(if acks { 32 + 32 * submitted.len() } else { 0 });
-    ack.push_str("{\"type\":\"ack\",\"results\":[");
+    let mut ack = String::new();
+    if acks {
+        ack.reserve(32 + 32 * submitted.len());
+        ack.push_str("{\"type\":\"ack\",\"results\":[");
+    }
     let mut errors = Vec::new();
     for (index, s) in submitted.into_iter().enumerate() {
         let r = match s {
