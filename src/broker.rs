@@ -68,6 +68,8 @@ pub enum StartError {
     Runtime(std::io::Error),
     #[error("cannot start a shard thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::listener::tls::TlsError),
 }
 
 /// A started broker.
@@ -93,6 +95,7 @@ fn boot_id() -> String {
 
 /// Starts a broker: binds both listeners, spawns the shards and the I/O runtime.
 pub fn start(config: Config) -> Result<Running, StartError> {
+    let tls = config.tls.as_ref().map(listener::tls::acceptor).transpose()?;
     let client =
         bind(config.listen).map_err(|source| StartError::BindClient { addr: config.listen, source })?;
     let api =
@@ -140,7 +143,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         let _guard = io.enter();
         let client = tokio::net::TcpListener::from_std(client).map_err(StartError::Runtime)?;
         let api = tokio::net::TcpListener::from_std(api).map_err(StartError::Runtime)?;
-        io.spawn(listener::client::serve(client, shared.clone(), shutdown.clone()));
+        io.spawn(listener::client::serve(client, tls, shared.clone(), shutdown.clone()));
         io.spawn(listener::api::serve(api, shared.clone(), shutdown.clone()));
         if let (Some(dir), Some(every)) = (&shared.config.hist_dir, shared.config.hist_interval) {
             io.spawn(crate::histdump::interval_log(shared.clone(), dir.clone(), every, shutdown.clone()));

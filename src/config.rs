@@ -126,6 +126,21 @@ pub struct Flags {
     #[arg(long, env = "SWITCHYARD_HIST_INTERVAL", value_parser = parse_duration)]
     pub hist_interval: Option<Duration>,
 
+    /// Conformance aid, off by default: a WebSocket upgrade to this path (e.g.
+    /// /echo) gets no auth and no events; its data frames are echoed back on
+    /// the same connection stack clients use (for the Autobahn TestSuite).
+    /// Messages up to 16 MiB are accepted there.
+    #[arg(long, env = "SWITCHYARD_ECHO_PATH")]
+    pub echo_path: Option<String>,
+
+    /// PEM certificate chain for the client listener; with --tls-key, clients connect with wss://.
+    #[arg(long, env = "SWITCHYARD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for --tls-cert.
+    #[arg(long, env = "SWITCHYARD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Log format: pretty or json (level from RUST_LOG).
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
@@ -154,6 +169,8 @@ pub enum ConfigError {
     Zero { flag: &'static str },
     #[error("--hist-interval needs --hist-dir")]
     IntervalWithoutDir,
+    #[error("--echo-path {0:?} must start with '/' and not be /ws or /healthz")]
+    EchoPath(String),
 }
 
 /// Validated, immutable broker configuration.
@@ -183,7 +200,18 @@ pub struct Config {
     pub redact_keys: Vec<String>,
     pub hist_dir: Option<PathBuf>,
     pub hist_interval: Option<Duration>,
+    /// Path whose upgrades are echo connections (conformance aid).
+    pub echo_path: Option<String>,
+    /// Certificate chain and key files for TLS on the client listener.
+    pub tls: Option<TlsFiles>,
     pub log_format: LogFormat,
+}
+
+/// The PEM files named by `--tls-cert` and `--tls-key` (read at start-up).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Config {
@@ -236,6 +264,11 @@ impl Config {
         if f.hist_interval.is_some() && f.hist_dir.is_none() {
             return Err(ConfigError::IntervalWithoutDir);
         }
+        if let Some(p) = &f.echo_path {
+            if !p.starts_with('/') || p.contains('?') || p == "/ws" || p == "/healthz" {
+                return Err(ConfigError::EchoPath(p.clone()));
+            }
+        }
         let shards = match f.shards {
             Some(n) => n as usize,
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -263,6 +296,8 @@ impl Config {
             redact_keys: f.redact_keys,
             hist_dir: f.hist_dir,
             hist_interval: f.hist_interval,
+            echo_path: f.echo_path,
+            tls: f.tls_cert.zip(f.tls_key).map(|(cert, key)| TlsFiles { cert, key }),
             log_format: f.log_format,
         })
     }
@@ -366,6 +401,11 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_flag() {
+        let e = Config::from_flags(flags(&["--echo-path", "/ws"])).unwrap_err();
+        assert!(e.to_string().contains("--echo-path"), "{e}");
+        assert!(Config::from_flags(flags(&["--echo-path", "/echo"])).is_ok());
+        let e = Flags::try_parse_from(["switchyard", "--tls-cert", "c.pem"]).unwrap_err();
+        assert!(e.to_string().contains("--tls-key"), "{e}");
         let e = Flags::try_parse_from(["switchyard", "--ping-interval", "soon"]).unwrap_err();
         assert!(e.to_string().contains("--ping-interval"), "{e}");
         assert_eq!(e.exit_code(), 2);

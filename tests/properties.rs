@@ -55,14 +55,14 @@ proptest! {
 
     #[test]
     fn upgrade_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..1024)) {
-        let _ = parse_request(&bytes);
+        let _ = parse_request(&bytes, Some("/echo"));
     }
 
     #[test]
     fn upgrade_parser_reads_any_valid_query(user in user_id(), since in any::<u64>()) {
         let enc: String = user.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect();
         let head = format!("GET /ws?user={enc}&since={since} HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: a2V5\r\n\r\n");
-        match parse_request(head.as_bytes()) {
+        match parse_request(head.as_bytes(), Some("/echo")) {
             Ok(switchyard::listener::client::Parsed::Upgrade(u)) => {
                 prop_assert_eq!(u.query_user.as_deref(), Some(user.as_str()));
                 prop_assert_eq!(u.since, Some(since));

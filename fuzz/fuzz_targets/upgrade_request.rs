@@ -6,7 +6,7 @@ use switchyard::auth::{Authenticator, Credentials};
 use switchyard::listener::client::{parse_request, Parsed};
 
 fuzz_target!(|data: &[u8]| {
-    match parse_request(data) {
+    match parse_request(data, Some("/echo")) {
         Ok(Parsed::Upgrade(up)) => {
             let creds = Credentials {
                 query_user: up.query_user.as_deref(),
@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = Authenticator::new(None).authenticate(&creds);
             let _ = Authenticator::new(Some(b"fuzz-secret")).authenticate(&creds);
         }
-        Ok(Parsed::Health) => {}
+        Ok(Parsed::Health | Parsed::Echo(_)) => {}
         Err(r) => assert!((400..500).contains(&r.status)),
     }
 });

@@ -17,6 +17,7 @@
 //! `Cell`/`RefCell`, with no locks or atomics beyond the shard's counters.
 
 pub mod queue;
+pub mod transport;
 
 use std::cell::{Cell, RefCell};
 use std::io::IoSlice;
@@ -28,14 +29,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, WebSocketError};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::task::AbortHandle;
 
 use crate::metrics::bump;
-use crate::protocol::{self, ClientMessage, UserId};
+use crate::protocol::{self, ClientMessage, Priority, UserId};
 use crate::shard::reactor::ShardCore;
 use crate::wsframe;
 pub use queue::{Enqueued, OutQueue, Outbound};
+pub use transport::{HandedSocket, ReadSide, WriteSide};
 
 /// Most frames one vectored write carries (Linux IOV_MAX is 1024; 64 already
 /// amortises the syscall ~64×).
@@ -44,6 +45,11 @@ pub const MAX_BATCH: usize = 64;
 pub const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// Largest client message accepted (contract §3); larger closes with 1009.
 pub const MAX_CLIENT_MESSAGE: usize = 4096;
+/// Largest message an echo connection (`--echo-path`) takes: the Autobahn
+/// TestSuite's biggest case sends 16 MiB.
+pub const MAX_ECHO_MESSAGE: usize = 16 << 20;
+/// Longest control-frame payload (RFC 6455 §5.5).
+const MAX_CONTROL_PAYLOAD: usize = 125;
 /// How long a close frame may take to write before the socket is dropped.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -63,6 +69,8 @@ pub struct Conn {
     /// The `conn` id reported in `welcome`.
     pub id: String,
     pub user: UserId,
+    /// An `--echo-path` connection: data frames are echoed, no events.
+    pub echo: bool,
     queue: RefCell<OutQueue>,
     closing: RefCell<Option<CloseMode>>,
     /// The writer task's waker, when it sleeps.
@@ -75,11 +83,20 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(key: usize, id: String, user: UserId, max_queue: usize, now: Instant, ping: Duration) -> Self {
+    pub fn new(
+        key: usize,
+        id: String,
+        user: UserId,
+        echo: bool,
+        max_queue: usize,
+        now: Instant,
+        ping: Duration,
+    ) -> Self {
         Conn {
             key,
             id,
             user,
+            echo,
             queue: RefCell::new(OutQueue::new(max_queue)),
             closing: RefCell::new(None),
             waker: RefCell::new(None),
@@ -100,6 +117,15 @@ impl Conn {
         match &*slot {
             Some(w) if w.will_wake(cx.waker()) => {}
             _ => *slot = Some(cx.waker().clone()),
+        }
+    }
+
+    /// Largest message this connection accepts.
+    fn max_message(&self) -> usize {
+        if self.echo {
+            MAX_ECHO_MESSAGE
+        } else {
+            MAX_CLIENT_MESSAGE
         }
     }
 
@@ -183,12 +209,16 @@ enum Step {
     Close(Option<Bytes>),
 }
 
-/// The writer task: runs until the connection closes, then deregisters it.
-pub async fn run_writer(core: Rc<ShardCore>, conn: Rc<Conn>, mut sock: OwnedWriteHalf) {
+/// The writer task: writes the `101` response (`greeting`) first, whatever
+/// happens next, then runs until the connection closes and deregisters it.
+pub async fn run_writer(core: Rc<ShardCore>, conn: Rc<Conn>, mut sock: WriteSide, greeting: Bytes) {
     // Grows to the largest batch this connection has needed (idle ones stay tiny).
     let mut batch: Vec<Outbound> = Vec::new();
+    // The greeting rides in the first batch (with `welcome`, in one write).
+    let mut greeting = Some(Outbound { frame: greeting, accepted: None, priority: Priority::High });
     loop {
         batch.clear();
+        batch.extend(greeting.take());
         let step = std::future::poll_fn(|cx| next_step(&conn, &mut batch, cx)).await;
         match step {
             Step::Write => {
@@ -227,6 +257,9 @@ pub async fn run_writer(core: Rc<ShardCore>, conn: Rc<Conn>, mut sock: OwnedWrit
             Step::Close(frame) => {
                 if let Some(frame) = frame {
                     let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
+                        for o in &batch {
+                            sock.write_all(&o.frame).await?; // the greeting, if still unwritten
+                        }
                         sock.write_all(&frame).await?;
                         sock.shutdown().await
                     })
@@ -240,14 +273,14 @@ pub async fn run_writer(core: Rc<ShardCore>, conn: Rc<Conn>, mut sock: OwnedWrit
     core.deregister(&conn);
 }
 
+/// Fills `batch` (which may already hold the greeting) or says how to close.
 fn next_step(conn: &Conn, batch: &mut Vec<Outbound>, cx: &mut Context<'_>) -> Poll<Step> {
     if let Some(CloseMode::Now(frame)) = &*conn.closing.borrow() {
-        // Control frames already queued (e.g. the 101 response) go first only
-        // if nothing urgent is pending; a Now close skips them.
+        // Queued frames are skipped; only the greeting still in `batch` goes first.
         return Poll::Ready(Step::Close(frame.clone()));
     }
     let mut q = conn.queue.borrow_mut();
-    if !q.is_empty() {
+    if !q.is_empty() || !batch.is_empty() {
         q.pop_batch(batch, MAX_BATCH, MAX_BATCH_BYTES);
         return Poll::Ready(Step::Write);
     }
@@ -273,7 +306,7 @@ enum WriteFailed {
 /// Writes every frame in `batch`, using as few vectored writes as the kernel
 /// allows. Returns the number of write calls. Aborts if the connection is
 /// closed with [`CloseMode::Now`] while waiting for the socket.
-async fn write_batch(conn: &Conn, sock: &mut OwnedWriteHalf, batch: &[Outbound]) -> Result<u64, WriteFailed> {
+async fn write_batch(conn: &Conn, sock: &mut WriteSide, batch: &[Outbound]) -> Result<u64, WriteFailed> {
     // Progress: frames before `idx` are written, and `off` bytes of frame `idx`.
     let (mut idx, mut off) = (0usize, 0usize);
     let mut calls = 0;
@@ -299,21 +332,38 @@ async fn write_batch(conn: &Conn, sock: &mut OwnedWriteHalf, batch: &[Outbound])
         })
         .await?;
         calls += 1;
-        // Advance (idx, off) by n bytes.
-        let mut left = n;
-        while left > 0 && idx < batch.len() {
-            let remaining = batch[idx].frame.len() - off;
-            if left >= remaining {
-                left -= remaining;
-                idx += 1;
-                off = 0;
-            } else {
-                off += left;
-                left = 0;
-            }
+        advance(batch, &mut idx, &mut off, n);
+    }
+    // A TLS session may still hold encrypted bytes; plain TCP holds none.
+    std::future::poll_fn(|cx| match Pin::new(&mut *sock).poll_flush(cx) {
+        Poll::Ready(r) => Poll::Ready(r.map_err(|_| WriteFailed::Io)),
+        // The frames are whole inside the session: nothing is torn.
+        Poll::Pending if matches!(&*conn.closing.borrow(), Some(CloseMode::Now(_))) => {
+            Poll::Ready(Err(WriteFailed::Aborted { rest: None }))
+        }
+        Poll::Pending => {
+            conn.park(cx);
+            Poll::Pending
+        }
+    })
+    .await?;
+    Ok(calls)
+}
+
+/// Moves the write position `(idx, off)` in `batch` forward by `n` bytes.
+fn advance(batch: &[Outbound], idx: &mut usize, off: &mut usize, n: usize) {
+    let mut left = n;
+    while left > 0 && *idx < batch.len() {
+        let remaining = batch[*idx].frame.len() - *off;
+        if left >= remaining {
+            left -= remaining;
+            *idx += 1;
+            *off = 0;
+        } else {
+            *off += left;
+            left = 0;
         }
     }
-    Ok(calls)
 }
 
 /// Bytes a frame of `payload_len` occupies on the wire when sent by a client
@@ -333,7 +383,7 @@ fn client_frame_len(payload_len: usize) -> u64 {
 /// already read past the request head, then the socket; counts every byte
 /// handed over, so the reader knows when fastwebsockets' buffer is empty.
 struct Counted<'a> {
-    inner: &'a mut OwnedReadHalf,
+    inner: &'a mut ReadSide,
     prefix: Bytes,
     total: Rc<Cell<u64>>,
 }
@@ -367,12 +417,12 @@ impl AsyncRead for Counted<'_> {
 /// builds a fastwebsockets reader (which allocates its 8 KiB buffer), and
 /// drops it again as soon as every byte it was handed has been consumed as
 /// whole frames.
-pub async fn run_reader(conn: Rc<Conn>, mut read: OwnedReadHalf, mut leftover: Bytes) {
+pub async fn run_reader(conn: Rc<Conn>, mut read: ReadSide, mut leftover: Bytes) {
     let mut fragments: Option<(OpCode, Vec<u8>)> = None;
     loop {
         // Wait (without a buffer) until at least one byte is there: `peek`
         // consumes nothing, and unlike readiness it cannot be stale.
-        if leftover.is_empty() && read.peek(&mut [0u8; 1]).await.is_err() {
+        if leftover.is_empty() && read.ready().await.is_err() {
             conn.abandon();
             return;
         }
@@ -384,15 +434,18 @@ pub async fn run_reader(conn: Rc<Conn>, mut read: OwnedReadHalf, mut leftover: B
         ws.set_auto_close(true);
         // Pings are answered here, so that every frame read is seen and counted.
         ws.set_auto_pong(false);
-        // fastwebsockets rejects a frame when `len >= max`, so allow exactly 4096.
-        ws.set_max_message_size(MAX_CLIENT_MESSAGE + 1);
+        // fastwebsockets rejects a frame when `len >= max`, so allow exactly the limit.
+        ws.set_max_message_size(conn.max_message() + 1);
         let mut consumed = 0u64;
         loop {
             let obligated = conn.clone();
             let mut send = move |mut frame: Frame<'_>| {
                 let mut buf = Vec::with_capacity(frame.payload.len() + wsframe::MAX_HEADER_LEN);
                 let bytes = Bytes::copy_from_slice(frame.write(&mut buf));
-                if frame.opcode == OpCode::Close {
+                if frame.opcode == OpCode::Close && frame.payload.len() > MAX_CONTROL_PAYLOAD {
+                    // fastwebsockets would echo it; RFC 6455 §5.5 makes it a protocol error.
+                    obligated.close_now(1002, "control frame over 125 bytes");
+                } else if frame.opcode == OpCode::Close {
                     obligated.set_closing(CloseMode::Now(Some(bytes)));
                 } else {
                     obligated.push_control(bytes);
@@ -427,8 +480,12 @@ pub async fn run_reader(conn: Rc<Conn>, mut read: OwnedReadHalf, mut leftover: B
 /// Applies one client frame. Returns false when the connection must stop reading.
 fn handle_frame(conn: &Conn, fragments: &mut Option<(OpCode, Vec<u8>)>, frame: Frame<'_>) -> bool {
     match frame.opcode {
-        OpCode::Close => return false, // the echo is already queued
+        OpCode::Close => return false, // the answer is already queued
         OpCode::Ping => conn.push_control(wsframe::frame(wsframe::OP_PONG, &frame.payload)),
+        OpCode::Pong if frame.payload.len() > MAX_CONTROL_PAYLOAD => {
+            conn.close_now(1002, "control frame over 125 bytes");
+            return false;
+        }
         OpCode::Pong => {}
         OpCode::Text | OpCode::Binary => {
             if fragments.is_some() {
@@ -446,7 +503,7 @@ fn handle_frame(conn: &Conn, fragments: &mut Option<(OpCode, Vec<u8>)>, frame: F
                 conn.close_now(1002, "continuation without a message");
                 return false;
             };
-            if buf.len() + frame.payload.len() > MAX_CLIENT_MESSAGE {
+            if buf.len() + frame.payload.len() > conn.max_message() {
                 conn.close_now(1009, "message too big");
                 return false;
             }
@@ -484,6 +541,11 @@ fn close_for_read_error(conn: &Conn, e: WebSocketError) {
 }
 
 fn handle_message(conn: &Conn, op: OpCode, payload: &[u8]) {
+    if conn.echo {
+        let code = if op == OpCode::Binary { wsframe::OP_BINARY } else { wsframe::OP_TEXT };
+        conn.push_control(wsframe::frame(code, payload));
+        return;
+    }
     if op == OpCode::Binary {
         conn.push_control(protocol::encode_client_error(
             "bad_request",

@@ -13,13 +13,15 @@ use std::time::Duration;
 use base64::Engine;
 use bytes::Bytes;
 use sha1::{Digest, Sha1};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, Credentials};
 use crate::broker::Shared;
-use crate::shard::{AttachCmd, Command, Resume};
+use crate::connection::transport::{HandedSocket, Socket, TlsStream};
+use crate::shard::{AttachCmd, Command, Peer, Resume};
 
 /// Largest request head accepted; larger gets 431.
 pub const MAX_HEAD: usize = 8192;
@@ -45,6 +47,8 @@ impl Refusal {
 pub enum Parsed {
     Health,
     Upgrade(UpgradeRequest),
+    /// An upgrade to `--echo-path` (conformance aid; query ignored).
+    Echo(UpgradeRequest),
 }
 
 /// A checked WebSocket upgrade request, not yet authenticated.
@@ -60,12 +64,56 @@ pub struct UpgradeRequest {
     pub epoch: Option<String>,
 }
 
-/// Accepts client sockets until `shutdown` fires.
+/// A stream the listener reads a request head from, answers on, and hands
+/// to a shard: plain TCP, or a TLS session.
+trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + Sized {
+    /// Prepares the stream to cross to a shard's thread.
+    fn into_handed(self) -> std::io::Result<HandedSocket>;
+    /// Takes back a stream the shard could not accept, to answer on it.
+    fn from_handed(h: HandedSocket) -> Option<Self>;
+}
+
+impl ClientStream for TcpStream {
+    fn into_handed(self) -> std::io::Result<HandedSocket> {
+        Ok(HandedSocket::Plain(self.into_std()?))
+    }
+
+    fn from_handed(h: HandedSocket) -> Option<Self> {
+        match h {
+            HandedSocket::Plain(s) => TcpStream::from_std(s).ok(),
+            HandedSocket::Tls(_) => None,
+        }
+    }
+}
+
+impl ClientStream for TlsStream {
+    fn into_handed(mut self) -> std::io::Result<HandedSocket> {
+        self.get_mut().0.detach()?;
+        Ok(HandedSocket::Tls(Box::new(self)))
+    }
+
+    fn from_handed(h: HandedSocket) -> Option<Self> {
+        match h {
+            HandedSocket::Tls(mut tls) => tls.get_mut().0.attach().ok().map(|()| *tls),
+            HandedSocket::Plain(_) => None,
+        }
+    }
+}
+
+/// Accepts client sockets until `shutdown` fires; with `tls`, every socket
+/// must complete a TLS handshake first.
 ///
 /// At most `--max-pending-handshakes` sockets may be between accept and
-/// hand-over at once (each also bounded by `--handshake-timeout`), so a flood
-/// of idle or slow connections cannot pile up; the excess gets 503 at once.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+/// hand-over at once (each also bounded by `--handshake-timeout`, which
+/// covers the TLS handshake too), so a flood of idle or slow connections
+/// cannot pile up; the excess gets 503 at once (plain) or is dropped (TLS:
+/// there is no session to answer in).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     let pending = Arc::new(tokio::sync::Semaphore::new(shared.config.max_pending_handshakes));
     loop {
         let accepted = tokio::select! {
@@ -76,11 +124,22 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
             Ok((mut stream, _)) => match pending.clone().try_acquire_owned() {
                 Ok(permit) => {
                     let shared = shared.clone();
+                    let tls = tls.clone();
                     tokio::spawn(async move {
-                        handle(stream, shared).await;
+                        let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
+                        match tls {
+                            None => handle(stream, &shared, deadline).await,
+                            Some(acceptor) => {
+                                let session = acceptor.accept(Socket::Live(stream));
+                                if let Ok(Ok(s)) = tokio::time::timeout_at(deadline, session).await {
+                                    handle(s, &shared, deadline).await;
+                                }
+                            }
+                        }
                         drop(permit);
                     });
                 }
+                Err(_) if tls.is_some() => drop(stream),
                 Err(_) => {
                     tokio::spawn(async move {
                         let r = Refusal::new(
@@ -101,9 +160,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
     }
 }
 
-async fn handle(mut stream: TcpStream, shared: Arc<Shared>) {
-    let timeout = shared.config.handshake_timeout;
-    let (head, leftover) = match tokio::time::timeout(timeout, read_head(&mut stream)).await {
+async fn handle<S: ClientStream>(mut stream: S, shared: &Shared, deadline: tokio::time::Instant) {
+    let (head, leftover) = match tokio::time::timeout_at(deadline, read_head(&mut stream)).await {
         Ok(Ok(v)) => v,
         Ok(Err(refusal)) => return respond(&mut stream, &refusal).await,
         Err(_) => {
@@ -111,23 +169,32 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>) {
             return respond(&mut stream, &r).await;
         }
     };
-    match parse_request(&head) {
+    let attach = match parse_request(&head, shared.config.echo_path.as_deref()) {
         Ok(Parsed::Health) => {
             let body = br#"{"status":"ok"}"#;
             let _ = write_response(&mut stream, 200, "OK", &[], body).await;
+            return;
         }
-        Ok(Parsed::Upgrade(up)) => {
-            if let Err(r) = hand_over(stream, &shared, up, leftover).await {
-                let (mut stream, refusal) = *r;
-                respond(&mut stream, &refusal).await;
+        Ok(Parsed::Upgrade(up)) => admit(shared, up),
+        Ok(Parsed::Echo(up)) => admit_echo(shared, up),
+        Err(r) => Err(r),
+    };
+    let refusal = match attach {
+        Ok((shard, peer, response)) => match hand_over(stream, shared, shard, peer, response, leftover) {
+            Ok(()) => return,
+            Err(None) => return, // the socket is unusable; nothing to answer on
+            Err(Some((s, r))) => {
+                stream = s;
+                r
             }
-        }
-        Err(r) => respond(&mut stream, &r).await,
-    }
+        },
+        Err(r) => r,
+    };
+    respond(&mut stream, &refusal).await;
 }
 
 /// Reads until the end of the request head. Returns the head and any bytes after it.
-async fn read_head(stream: &mut TcpStream) -> Result<(Vec<u8>, Bytes), Refusal> {
+async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(Vec<u8>, Bytes), Refusal> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
     loop {
@@ -164,7 +231,8 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// Parses and checks a request head (pure: fuzzable and unit-tested).
-pub fn parse_request(head: &[u8]) -> Result<Parsed, Refusal> {
+/// `echo_path` is `--echo-path`, if set.
+pub fn parse_request(head: &[u8], echo_path: Option<&str>) -> Result<Parsed, Refusal> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(head) {
@@ -178,9 +246,12 @@ pub fn parse_request(head: &[u8]) -> Result<Parsed, Refusal> {
     let method = req.method.unwrap_or("");
     let target = req.path.unwrap_or("");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let echo = echo_path == Some(path);
     match path {
         "/healthz" if method == "GET" => return Ok(Parsed::Health),
         "/ws" if method == "GET" => {}
+        _ if echo && method == "GET" => {}
+        _ if echo => return Err(Refusal::new(405, "method_not_allowed", "use GET")),
         "/ws" | "/healthz" => return Err(Refusal::new(405, "method_not_allowed", "use GET")),
         _ => return Err(Refusal::new(404, "not_found", "this listener serves GET /ws and GET /healthz")),
     }
@@ -195,7 +266,7 @@ pub fn parse_request(head: &[u8]) -> Result<Parsed, Refusal> {
         header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     };
     if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
-        return Err(Refusal::new(426, "upgrade_required", "GET /ws needs a WebSocket upgrade"));
+        return Err(Refusal::new(426, "upgrade_required", "this path needs a WebSocket upgrade"));
     }
     if header("sec-websocket-version") != Some("13") {
         return Err(Refusal::new(426, "upgrade_required", "Sec-WebSocket-Version must be 13"));
@@ -216,6 +287,9 @@ pub fn parse_request(head: &[u8]) -> Result<Parsed, Refusal> {
         since: None,
         epoch: None,
     };
+    if echo {
+        return Ok(Parsed::Echo(up));
+    }
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v =
@@ -269,8 +343,6 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-type HandOverError = Box<(TcpStream, Refusal)>;
-
 /// Whether a browser `Origin` may open a socket (no header: not a browser).
 pub fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
     match origin {
@@ -280,18 +352,13 @@ pub fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
     }
 }
 
-/// Authenticates and hands the socket to its shard; on refusal gives the socket back.
-async fn hand_over(
-    stream: TcpStream,
-    shared: &Shared,
-    up: UpgradeRequest,
-    leftover: Bytes,
-) -> Result<(), HandOverError> {
+/// Where an admitted upgrade goes: shard index, peer, `101` response.
+type Admitted = (usize, Peer, Bytes);
+
+/// Checks origin and credentials and takes a connection slot.
+fn admit(shared: &Shared, up: UpgradeRequest) -> Result<Admitted, Refusal> {
     if !origin_allowed(&shared.config.allowed_origins, up.origin.as_deref()) {
-        return Err(Box::new((
-            stream,
-            Refusal::new(403, "forbidden_origin", "this Origin may not open a socket"),
-        )));
+        return Err(Refusal::new(403, "forbidden_origin", "this Origin may not open a socket"));
     }
     let creds = Credentials {
         query_user: up.query_user.as_deref(),
@@ -300,45 +367,66 @@ async fn hand_over(
     };
     let user = match shared.auth.authenticate(&creds) {
         Ok(u) => u,
-        Err(AuthError::Unauthorized(m)) => {
-            return Err(Box::new((stream, Refusal::new(401, "unauthorized", m))))
-        }
-        Err(e @ AuthError::BadUser) => {
-            return Err(Box::new((stream, Refusal::new(400, "invalid_user", e.to_string()))))
-        }
+        Err(AuthError::Unauthorized(m)) => return Err(Refusal::new(401, "unauthorized", m)),
+        Err(e @ AuthError::BadUser) => return Err(Refusal::new(400, "invalid_user", e.to_string())),
     };
-    if !shared.try_acquire_connection() {
-        return Err(Box::new((
-            stream,
-            Refusal::new(503, "too_many_connections", "the broker is at --max-connections"),
-        )));
-    }
-    let response = Bytes::from(format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-        up.accept_key
-    ));
-    let resume = up.since.map(|since| Resume { since, epoch: up.epoch });
-    let std_stream = match stream.into_std() {
-        Ok(s) => s,
-        Err(_) => {
-            shared.release_connection();
-            return Ok(()); // the socket is unusable; nothing to answer on
-        }
-    };
+    take_slot(shared)?;
     let shard = shared.router.shard_for(&user);
-    let cmd = Command::Attach(Box::new(AttachCmd { user, stream: std_stream, response, leftover, resume }));
+    let resume = up.since.map(|since| Resume { since, epoch: up.epoch });
+    Ok((shard, Peer::User { user, resume }, switching_protocols(&up.accept_key)))
+}
+
+/// Admits an `--echo-path` connection: origin checked, no credentials.
+fn admit_echo(shared: &Shared, up: UpgradeRequest) -> Result<Admitted, Refusal> {
+    if !origin_allowed(&shared.config.allowed_origins, up.origin.as_deref()) {
+        return Err(Refusal::new(403, "forbidden_origin", "this Origin may not open a socket"));
+    }
+    take_slot(shared)?;
+    let shard = fastrand::usize(..shared.shards.len());
+    Ok((shard, Peer::Echo, switching_protocols(&up.accept_key)))
+}
+
+fn take_slot(shared: &Shared) -> Result<(), Refusal> {
+    if shared.try_acquire_connection() {
+        Ok(())
+    } else {
+        Err(Refusal::new(503, "too_many_connections", "the broker is at --max-connections"))
+    }
+}
+
+fn switching_protocols(accept_key: &str) -> Bytes {
+    Bytes::from(format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n\r\n"
+    ))
+}
+
+/// Pushes an admitted socket into its shard's ring, releasing the slot on
+/// failure. A full ring gives the stream back with a 503 to answer.
+fn hand_over<S: ClientStream>(
+    stream: S,
+    shared: &Shared,
+    shard: usize,
+    peer: Peer,
+    response: Bytes,
+    leftover: Bytes,
+) -> Result<(), Option<(S, Refusal)>> {
+    let Ok(socket) = stream.into_handed() else {
+        shared.release_connection();
+        return Err(None);
+    };
+    let cmd = Command::Attach(Box::new(AttachCmd { peer, socket, response, leftover }));
     match shared.shards[shard].push(cmd) {
         Ok(()) => Ok(()),
         Err((_, cmd)) => {
             shared.release_connection();
-            let Command::Attach(a) = cmd else { return Ok(()) };
-            let Ok(stream) = TcpStream::from_std(a.stream) else { return Ok(()) };
-            Err(Box::new((stream, Refusal::new(503, "overloaded", "shard is busy; retry shortly"))))
+            let Command::Attach(a) = cmd else { return Err(None) };
+            let stream = S::from_handed(a.socket).ok_or(None)?;
+            Err(Some((stream, Refusal::new(503, "overloaded", "shard is busy; retry shortly"))))
         }
     }
 }
 
-async fn respond(stream: &mut TcpStream, r: &Refusal) {
+async fn respond<S: AsyncWrite + Unpin>(stream: &mut S, r: &Refusal) {
     let body = serde_json::json!({"error": {"code": r.code, "message": r.message}}).to_string();
     let extra: &[(&str, &str)] = if r.status == 503 { &[("Retry-After", "1")] } else { &[] };
     let _ = write_response(stream, r.status, reason(r.status), extra, body.as_bytes()).await;
@@ -360,8 +448,8 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-async fn write_response(
-    stream: &mut TcpStream,
+async fn write_response<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     status: u16,
     reason: &str,
     extra: &[(&str, &str)],
@@ -401,7 +489,8 @@ mod tests {
 
     #[test]
     fn parses_upgrade_with_query() {
-        let Parsed::Upgrade(u) = parse_request(&upgrade("/ws?user=a%40b&since=5&epoch=e1", "")).unwrap()
+        let Parsed::Upgrade(u) =
+            parse_request(&upgrade("/ws?user=a%40b&since=5&epoch=e1", ""), None).unwrap()
         else {
             panic!("expected upgrade")
         };
@@ -412,7 +501,8 @@ mod tests {
 
     #[test]
     fn bearer_header_is_read() {
-        let Parsed::Upgrade(u) = parse_request(&upgrade("/ws", "Authorization: Bearer abc.def\r\n")).unwrap()
+        let Parsed::Upgrade(u) =
+            parse_request(&upgrade("/ws", "Authorization: Bearer abc.def\r\n"), None).unwrap()
         else {
             panic!("expected upgrade")
         };
@@ -426,7 +516,8 @@ mod tests {
         assert!(origin_allowed(&allowed, Some("https://app.example")));
         assert!(!origin_allowed(&allowed, Some("https://evil.example")));
         assert!(origin_allowed(&[], Some("https://anything")));
-        let Parsed::Upgrade(u) = parse_request(&upgrade("/ws", "Origin: https://App.Example/\r\n")).unwrap()
+        let Parsed::Upgrade(u) =
+            parse_request(&upgrade("/ws", "Origin: https://App.Example/\r\n"), None).unwrap()
         else {
             panic!("expected upgrade")
         };
@@ -435,11 +526,22 @@ mod tests {
 
     #[test]
     fn refusals() {
-        assert_eq!(parse_request(b"GET /nope HTTP/1.1\r\n\r\n").unwrap_err().status, 404);
-        assert_eq!(parse_request(b"POST /ws HTTP/1.1\r\n\r\n").unwrap_err().status, 405);
-        assert_eq!(parse_request(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err().status, 426);
-        assert_eq!(parse_request(b"\x00\x01garbage\r\n\r\n").unwrap_err().status, 400);
-        assert_eq!(parse_request(&upgrade("/ws?since=-1", "")).unwrap_err().status, 400);
-        assert!(matches!(parse_request(b"GET /healthz HTTP/1.1\r\n\r\n"), Ok(Parsed::Health)));
+        assert_eq!(parse_request(b"GET /nope HTTP/1.1\r\n\r\n", None).unwrap_err().status, 404);
+        assert_eq!(parse_request(b"POST /ws HTTP/1.1\r\n\r\n", None).unwrap_err().status, 405);
+        assert_eq!(parse_request(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n", None).unwrap_err().status, 426);
+        assert_eq!(parse_request(b"\x00\x01garbage\r\n\r\n", None).unwrap_err().status, 400);
+        assert_eq!(parse_request(&upgrade("/ws?since=-1", ""), None).unwrap_err().status, 400);
+        assert!(matches!(parse_request(b"GET /healthz HTTP/1.1\r\n\r\n", None), Ok(Parsed::Health)));
+    }
+
+    #[test]
+    fn echo_path_only_when_configured() {
+        assert_eq!(parse_request(&upgrade("/echo", ""), None).unwrap_err().status, 404);
+        assert!(matches!(parse_request(&upgrade("/echo?x=1", ""), Some("/echo")), Ok(Parsed::Echo(_))));
+        assert!(matches!(parse_request(&upgrade("/ws", ""), Some("/echo")), Ok(Parsed::Upgrade(_))));
+        let post = b"POST /echo HTTP/1.1\r\n\r\n";
+        assert_eq!(parse_request(post, Some("/echo")).unwrap_err().status, 405);
+        let plain = b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(parse_request(plain, Some("/echo")).unwrap_err().status, 426);
     }
 }

@@ -10,13 +10,13 @@ pub mod history;
 pub mod reactor;
 pub mod ring;
 
-use std::net::TcpStream as StdTcpStream;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use crate::connection::HandedSocket;
 use crate::metrics::{Latency, ShardMetrics};
 use crate::protocol::{PreparedEvent, UserId};
 pub use ring::{Permit, Ring, RingFull};
@@ -47,15 +47,23 @@ pub struct Resume {
     pub epoch: Option<String>,
 }
 
-/// An authenticated, validated upgrade handed over to the owning shard.
+/// Who is on the other end of an attached socket.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    /// An authenticated user, maybe resuming.
+    User { user: UserId, resume: Option<Resume> },
+    /// An `--echo-path` connection (conformance aid): no user, no events.
+    Echo,
+}
+
+/// A validated (and for users, authenticated) upgrade handed over to a shard.
 pub struct AttachCmd {
-    pub user: UserId,
-    pub stream: StdTcpStream,
+    pub peer: Peer,
+    pub socket: HandedSocket,
     /// The `101 Switching Protocols` response, written first.
     pub response: Bytes,
     /// Bytes the listener read past the request head (already client frames).
     pub leftover: Bytes,
-    pub resume: Option<Resume>,
 }
 
 /// Broadcast results from one shard.

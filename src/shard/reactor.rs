@@ -27,7 +27,8 @@ use crate::metrics::{bump, Latency};
 use crate::protocol::{self, PreparedEvent, UserId, Welcome};
 use crate::shard::history::{Held, History, Replay};
 use crate::shard::{
-    AttachCmd, BroadcastOutcome, Command, Delivery, PublishCmd, ShardHandle, ShardSnapshot, UserInfo,
+    AttachCmd, BroadcastOutcome, Command, Delivery, Peer, PublishCmd, Resume, ShardHandle, ShardSnapshot,
+    UserInfo,
 };
 
 /// Most commands applied before the reactor yields so writers can flush.
@@ -181,23 +182,49 @@ impl ShardCore {
     }
 
     fn attach(self: &Rc<Self>, a: AttachCmd) {
-        let cfg = &self.shared.config;
         if self.draining.get() {
             self.shared.release_connection();
             return;
         }
-        let stream = match tokio::net::TcpStream::from_std(a.stream) {
-            Ok(s) => s,
+        let (read, write) = match a.socket.adopt() {
+            Ok(halves) => halves,
             Err(e) => {
                 tracing::warn!(error = %e, "could not adopt a handed-over socket");
                 self.shared.release_connection();
                 return;
             }
         };
-        let _ = stream.set_nodelay(true);
+        let conn = match a.peer {
+            Peer::User { user, resume } => self.attach_user(user, resume),
+            Peer::Echo => self.register(echo_user(), true),
+        };
+        let reader = tokio::task::spawn_local(connection::run_reader(conn.clone(), read, a.leftover));
+        conn.set_reader(reader.abort_handle());
+        tokio::task::spawn_local(connection::run_writer(self.clone(), conn, write, a.response));
+    }
+
+    /// Puts a new connection in the slab.
+    fn register(&self, user: UserId, echo: bool) -> Rc<Conn> {
+        let cfg = &self.shared.config;
+        let n = self.next_conn.get() + 1;
+        self.next_conn.set(n);
+        let id = format!("c{}.{}", self.id, radix36(n));
+        let mut conns = self.conns.borrow_mut();
+        let entry = conns.vacant_entry();
+        let conn =
+            Rc::new(Conn::new(entry.key(), id, user, echo, cfg.max_queue, Instant::now(), cfg.ping_interval));
+        entry.insert(conn.clone());
+        bump(&self.handle().metrics.connections, 1);
+        conn
+    }
+
+    /// Registers a user's connection: evicts over the per-user limit, queues
+    /// `welcome` and any resume replay.
+    fn attach_user(&self, user_id: UserId, resume: Option<Resume>) -> Rc<Conn> {
+        let cfg = &self.shared.config;
         let now = Instant::now();
         let mut users = self.users.borrow_mut();
-        let user = users.entry(a.user.clone()).or_insert_with(|| self.new_user(now));
+        let user = users.entry(user_id.clone()).or_insert_with(|| self.new_user(now));
         user.history.expire(now, cfg.history_ttl);
 
         // Per-user limit: evict the oldest connections (4001).
@@ -209,7 +236,7 @@ impl ShardCore {
             }
         }
 
-        let (recovered, replay) = match &a.resume {
+        let (recovered, replay) = match &resume {
             None => (None, Vec::new()),
             Some(r) if r.epoch.as_deref().is_some_and(|e| e != &*user.epoch) => (Some(false), Vec::new()),
             Some(r) => match user.history.plan_replay(r.since, user.seq) {
@@ -218,20 +245,10 @@ impl ShardCore {
             },
         };
 
-        let n = self.next_conn.get() + 1;
-        self.next_conn.set(n);
-        let id = format!("c{}.{}", self.id, radix36(n));
-        let mut conns = self.conns.borrow_mut();
-        let entry = conns.vacant_entry();
-        let conn = Rc::new(Conn::new(entry.key(), id, a.user.clone(), cfg.max_queue, now, cfg.ping_interval));
-        entry.insert(conn.clone());
-        drop(conns);
+        let conn = self.register(user_id.clone(), false);
         user.conns.push(conn.key);
-        bump(&self.handle().metrics.connections, 1);
-
-        conn.push_control(a.response);
         conn.push_control(protocol::encode_welcome(&Welcome {
-            user: &a.user,
+            user: &user_id,
             conn: &conn.id,
             epoch: &user.epoch,
             seq: user.seq,
@@ -244,12 +261,7 @@ impl ShardCore {
                 conn.push_event(Outbound { frame: h.frame.clone(), accepted: None, priority: h.priority });
             }
         }
-        drop(users);
-
-        let (read, write) = stream.into_split();
-        let reader = tokio::task::spawn_local(connection::run_reader(conn.clone(), read, a.leftover));
-        conn.set_reader(reader.abort_handle());
-        tokio::task::spawn_local(connection::run_writer(self.clone(), conn, write));
+        conn
     }
 
     /// Removes a connection whose writer has ended.
@@ -258,7 +270,7 @@ impl ShardCore {
         if self.conns.borrow_mut().try_remove(conn.key).is_none() {
             return;
         }
-        if let Some(user) = self.users.borrow_mut().get_mut(&conn.user) {
+        if let Some(user) = self.users.borrow_mut().get_mut(&conn.user).filter(|_| !conn.echo) {
             user.conns.retain(|&k| k != conn.key);
             user.touched = now;
         }
@@ -352,6 +364,11 @@ impl ShardCore {
     fn connection_count(&self) -> usize {
         self.conns.borrow().len()
     }
+}
+
+/// The placeholder user of echo connections (never in the user map).
+fn echo_user() -> UserId {
+    UserId::parse("echo").unwrap_or_else(|_| unreachable!("\"echo\" is a valid user ID"))
 }
 
 fn radix36(mut n: u64) -> String {

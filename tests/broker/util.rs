@@ -14,6 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use switchyard::{Config, Running};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -144,7 +145,7 @@ pub async fn http(
 
 /// Next text frame as JSON (protocol pings are answered by tungstenite and
 /// skipped). The whole wait, pings included, is bounded by [`WAIT`].
-pub async fn next_json(ws: &mut Ws) -> Value {
+pub async fn next_json<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> Value {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let msg = tokio::time::timeout_at(deadline, ws.next())
@@ -161,7 +162,10 @@ pub async fn next_json(ws: &mut Ws) -> Value {
 }
 
 /// Reads `n` event frames.
-pub async fn next_events(ws: &mut Ws, n: usize) -> Vec<Value> {
+pub async fn next_events<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    n: usize,
+) -> Vec<Value> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let v = next_json(ws).await;
@@ -276,4 +280,24 @@ pub async fn raw_close_code(mut s: TcpStream) -> Option<u16> {
         i += hdr + len;
     }
     None
+}
+
+/// A masked client frame (FIN set) as a browser would send it.
+pub fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let key = [0x37u8, 0xfa, 0x21, 0x3d];
+    let mut out = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= u16::MAX as usize => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&key);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    out
 }

@@ -1,0 +1,128 @@
+//! TLS on the client listener (`--tls-cert` / `--tls-key`), with a
+//! certificate generated here: wss:// clients get the same protocol, a
+//! backlog arrives whole and in order, plain-text and failed handshakes are
+//! dropped while TLS clients keep being served, and unusable files are a
+//! start-up error naming the flag.
+
+use std::sync::Arc;
+
+use serde_json::json;
+use switchyard::config::TlsFiles;
+use tokio::net::TcpStream;
+use tokio_rustls::rustls::{self, pki_types::ServerName, ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::util::*;
+
+type Wss = WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// A self-signed certificate for `localhost`, written as PEM files.
+struct TestCert {
+    dir: tempfile::TempDir,
+    cert: rustls::pki_types::CertificateDer<'static>,
+}
+
+impl TestCert {
+    fn new() -> Self {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).expect("write cert");
+        std::fs::write(dir.path().join("key.pem"), ck.signing_key.serialize_pem()).expect("write key");
+        TestCert { dir, cert: ck.cert.der().clone() }
+    }
+
+    fn files(&self) -> TlsFiles {
+        TlsFiles { cert: self.dir.path().join("cert.pem"), key: self.dir.path().join("key.pem") }
+    }
+
+    fn connector(&self) -> TlsConnector {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.cert.clone()).expect("root");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        TlsConnector::from(Arc::new(config))
+    }
+}
+
+async fn connect_wss(b: &TestBroker, cert: &TestCert, user: &str) -> Wss {
+    let tcp = TcpStream::connect(b.client).await.expect("connect");
+    let name = ServerName::try_from("localhost").expect("server name");
+    let tls = tokio::time::timeout(WAIT, cert.connector().connect(name, tcp))
+        .await
+        .expect("TLS handshake in time")
+        .expect("TLS handshake");
+    let url = format!("wss://localhost/ws?user={user}");
+    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(url, tls))
+        .await
+        .expect("upgrade in time")
+        .expect("upgrade accepted");
+    ws
+}
+
+#[tokio::test]
+async fn wss_clients_get_welcome_and_every_event_in_order() {
+    let cert = TestCert::new();
+    let b = TestBroker::with(|c| c.tls = Some(cert.files()));
+    let mut ws = connect_wss(&b, &cert, "alice").await;
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome");
+    assert_eq!(welcome["user"], "alice");
+    // A backlog bigger than one write: everything arrives, in order.
+    for i in 0..300 {
+        b.publish("alice", "agent_thinking", json!({"i": i, "pad": "x".repeat(200)})).await;
+    }
+    let events = next_events(&mut ws, 300).await;
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["seq"], i as u64 + 1);
+        assert_eq!(e["data"]["i"], i as u64);
+    }
+}
+
+#[tokio::test]
+async fn plain_and_broken_handshakes_are_dropped_and_tls_clients_still_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cert = TestCert::new();
+    let b = TestBroker::with(|c| c.tls = Some(cert.files()));
+    // A plain-text upgrade on the TLS port: the handshake fails, the socket closes.
+    let mut plain = TcpStream::connect(b.client).await.expect("connect");
+    plain
+        .write_all(b"GET /ws?user=bob HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(WAIT, plain.read_to_end(&mut buf)).await.expect("closed in time");
+    assert!(read.is_err() || !buf.starts_with(b"HTTP/1.1 101"), "no upgrade over plain text");
+    // A client that does not trust the certificate gives up mid-handshake.
+    let untrusting = TestCert::new();
+    let tcp = TcpStream::connect(b.client).await.expect("connect");
+    let name = ServerName::try_from("localhost").expect("server name");
+    assert!(untrusting.connector().connect(name, tcp).await.is_err());
+
+    let mut ws = connect_wss(&b, &cert, "alice").await;
+    assert_eq!(next_json(&mut ws).await["type"], "welcome");
+    b.publish("alice", "agent_started", json!({})).await;
+    assert_eq!(next_events(&mut ws, 1).await[0]["event"], "agent_started");
+}
+
+#[tokio::test]
+async fn unusable_tls_files_are_a_start_error_naming_the_flag() {
+    let cert = TestCert::new();
+    let mut cfg = switchyard::Config::for_tests();
+    let mut files = cert.files();
+    files.cert = cert.dir.path().join("missing.pem");
+    cfg.tls = Some(files);
+    let err = switchyard::start(cfg).err().expect("refused");
+    assert!(err.to_string().contains("--tls-cert"), "{err}");
+
+    let mut cfg = switchyard::Config::for_tests();
+    let mut files = cert.files();
+    files.key = files.cert.clone(); // a certificate where the key should be
+    cfg.tls = Some(files);
+    let err = switchyard::start(cfg).err().expect("refused");
+    assert!(err.to_string().contains("--tls-key"), "{err}");
+}
