@@ -13,6 +13,11 @@
 
 use std::collections::BTreeSet;
 
+/// Order lanes tracked: 3 priorities × up to [`MAX_SOURCES`] unordered sources.
+pub const LANES: usize = 3 * MAX_SOURCES;
+/// Most publishing sources whose events are checked for order separately.
+pub const MAX_SOURCES: usize = 8;
+
 /// Findings for one logical connection (it may reconnect many times).
 ///
 /// Ordering is only promised within a priority (a `high` event overtakes
@@ -31,7 +36,7 @@ pub struct ConnCheck {
     /// Every seq at or below the floor was received (or predates us).
     floor: u64,
     above: BTreeSet<u64>,
-    lane_nonce: [Option<u64>; 3],
+    lane_nonce: [Option<u64>; LANES],
     /// Highest seq received before the latest resume; re-deliveries up to it are expected once.
     replay_upto: u64,
     replay_seen: BTreeSet<u64>,
@@ -52,10 +57,12 @@ impl ConnCheck {
     pub fn resumed(&mut self) {
         self.replay_upto = self.above.last().copied().unwrap_or(self.floor).max(self.floor);
         self.replay_seen.clear();
-        self.lane_nonce = [None; 3];
+        self.lane_nonce = [None; LANES];
     }
 
-    /// Checks one received event. `lane` is 0 high, 1 normal, 2 low.
+    /// Checks one received event. `lane` is 0 high, 1 normal, 2 low, plus
+    /// 3 × the publishing source when several sources have no order between
+    /// them (concurrent broadcasters); lanes past [`LANES`] share the last.
     pub fn observe(&mut self, own_user: &str, event_user: &str, seq: u64, nonce: u64, lane: usize) {
         if event_user != own_user {
             self.misrouted += 1;
@@ -73,7 +80,7 @@ impl ConnCheck {
         while self.above.remove(&(self.floor + 1)) {
             self.floor += 1;
         }
-        let lane = lane.min(2);
+        let lane = lane.min(LANES - 1);
         if self.lane_nonce[lane].is_some_and(|last| nonce < last) {
             self.reordered += 1;
         }
@@ -179,6 +186,17 @@ mod tests {
         let c = feed(&[("alice", 1, 10, 1), ("alice", 2, 11, 1), ("alice", 2, 11, 1)]);
         assert_eq!(c.duplicated, 1);
         assert!(!settle(&c, 2, 0).ok());
+    }
+
+    #[test]
+    fn sources_are_ordered_separately() {
+        const SOURCE_1: usize = 3; // normal lane (1) of source 1 is 1 + 3 * 1
+        let mut c = ConnCheck::after(0);
+        c.observe("*", "*", 1, 11, 1 + SOURCE_1); // source 1 ran ahead
+        c.observe("*", "*", 2, 10, 1); // source 0: its own first event
+        c.observe("*", "*", 3, 12, 1); // source 0 again, in order
+        c.observe("*", "*", 4, 9, 1 + SOURCE_1); // source 1 went backwards
+        assert_eq!((c.received, c.reordered), (4, 1));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use switchyard::config::parse_duration;
-use switchyard_load::check::{ConnCheck, Totals};
+use switchyard_load::check::{ConnCheck, Totals, MAX_SOURCES};
 use switchyard_load::trace::{self, Planned, TraceEvent};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -117,6 +117,11 @@ struct RunArgs {
     /// Share of high:normal:low events, e.g. 1:8:1.
     #[arg(long, default_value = "0:1:0")]
     priority_mix: String,
+    /// Broadcast every event (POST /v1/broadcast) instead of publishing it to
+    /// one random user. `--publishers` broadcasters (at most 8) take turns;
+    /// each sends one request at a time, so its own broadcasts stay ordered.
+    #[arg(long, conflicts_with = "churn")]
+    broadcast: bool,
 }
 
 #[derive(Args)]
@@ -135,7 +140,7 @@ struct ReplayArgs {
 
 /// What to publish, in time order.
 enum Plan {
-    Rate { per_sec: Option<f64>, duration: Duration, payload: usize, mix: [u32; 3] },
+    Rate { per_sec: Option<f64>, duration: Duration, payload: usize, mix: [u32; 3], broadcast: bool },
     Trace { events: Vec<TraceEvent>, planned: Vec<Planned> },
 }
 
@@ -167,7 +172,9 @@ fn main() -> anyhow::Result<()> {
                 Some(r)
             };
             let mix = parse_mix(&a.priority_mix)?;
-            (a.common, Plan::Rate { per_sec, duration: a.duration, payload: a.payload, mix })
+            let plan =
+                Plan::Rate { per_sec, duration: a.duration, payload: a.payload, mix, broadcast: a.broadcast };
+            (a.common, plan)
         }
         Cmd::Replay(a) => {
             let text = std::fs::read_to_string(&a.trace)
@@ -215,6 +222,8 @@ struct Run {
     start: Instant,
     /// Events the broker accepted, per user.
     sent: Vec<AtomicU64>,
+    /// Broadcasts the broker accepted (owed to every connection).
+    broadcasts: AtomicU64,
     received: AtomicU64,
     stop: AtomicBool,
     /// Fires when the run ends, so idle clients need no polling timer.
@@ -234,6 +243,7 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
     let (latency_tx, latency_rx) = flume::unbounded::<Vec<u64>>();
     let run = Arc::new(Run {
         sent: (0..common.users).map(|_| AtomicU64::new(0)).collect(),
+        broadcasts: AtomicU64::new(0),
         received: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         stopped: tokio::sync::watch::channel(false).0,
@@ -271,10 +281,16 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
     }
     eprintln!("connected {total_conns} clients in {:.2}s", connect_start.elapsed().as_secs_f64());
 
-    // Publishers.
+    // Publishers: streams, or one broadcaster.
+    let broadcasting = matches!(plan, Plan::Rate { broadcast: true, .. });
     let mut pub_txs = Vec::new();
     let mut pub_tasks = Vec::new();
-    for p in 0..common.publishers {
+    for _ in (0..common.publishers.min(MAX_SOURCES)).filter(|_| broadcasting) {
+        let (tx, rx) = flume::bounded::<Outgoing>(8192);
+        pub_tasks.push(tokio::spawn(broadcaster_task(run.clone(), api.clone(), rx)));
+        pub_txs.push(tx);
+    }
+    for p in (0..common.publishers).filter(|_| !broadcasting) {
         let (tx, rx) = flume::bounded::<Outgoing>(8192);
         let ws = connect_stream(&api, common.api_key.as_deref())
             .await
@@ -293,7 +309,10 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
     let publish_elapsed = publish_start.elapsed();
 
     // Wait until every connection has what its user was sent, or the drain ends.
-    let expected: u64 = (0..total_conns).map(|i| run.sent[i % common.users].load(Ordering::Relaxed)).sum();
+    let owed = |i: usize| {
+        run.sent[i % common.users].load(Ordering::Relaxed) + run.broadcasts.load(Ordering::Relaxed)
+    };
+    let expected: u64 = (0..total_conns).map(owed).sum();
     let drain_deadline = Instant::now() + common.drain;
     while run.received.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -306,9 +325,10 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
     let mut totals = Totals::default();
     for (i, t) in conn_tasks.into_iter().enumerate() {
         let check = t.await?;
-        totals.add(&check, run.sent[i % common.users].load(Ordering::Relaxed));
+        totals.add(&check, owed(i));
     }
-    totals.sent = run.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum();
+    totals.sent = run.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum::<u64>()
+        + run.broadcasts.load(Ordering::Relaxed);
     totals.rejected = scheduled.saturating_sub(totals.sent);
     totals.resumes = run.resumes.load(Ordering::Relaxed);
     totals.resume_failed = run.resume_failed.load(Ordering::Relaxed);
@@ -326,15 +346,34 @@ struct Outgoing {
     line: String,
 }
 
-/// One publish object. Formatted directly (names and events are plain
-/// ASCII with nothing to escape): JSON building is the load generator's
-/// hottest path at high rates.
-fn event_line(user: usize, nonce: u64, intended_us: u64, event: &str, priority: &str, pad: usize) -> String {
-    let name = user_name(user);
+/// The `u` of a broadcast event's data: owed to every connection.
+const EVERYONE: &str = "*";
+
+/// Which broadcaster sends the broadcast with this nonce.
+fn broadcast_source(nonce: u64, sources: usize) -> usize {
+    (nonce % sources.clamp(1, MAX_SOURCES) as u64) as usize
+}
+
+/// One publish object (or, for `user == None`, broadcast object).
+/// Formatted directly (names and events are plain ASCII with nothing to
+/// escape): JSON building is the load generator's hottest path at high rates.
+fn event_line(
+    user: Option<usize>,
+    nonce: u64,
+    intended_us: u64,
+    event: &str,
+    priority: &str,
+    pad: usize,
+) -> String {
+    let name = user.map_or_else(|| EVERYONE.to_string(), user_name);
     let mut s = String::with_capacity(128 + pad);
-    s.push_str("{\"user\":\"");
-    s.push_str(&name);
-    s.push_str("\",\"event\":\"");
+    s.push('{');
+    if user.is_some() {
+        s.push_str("\"user\":\"");
+        s.push_str(&name);
+        s.push_str("\",");
+    }
+    s.push_str("\"event\":\"");
     s.push_str(event);
     s.push_str("\",\"priority\":\"");
     s.push_str(priority);
@@ -375,7 +414,7 @@ async fn schedule(run: &Run, plan: &Plan, pubs: &[flume::Sender<Outgoing>], t0: 
     let mut nonce = 0u64;
     let mut rng = fastrand::Rng::with_seed(7);
     match plan {
-        Plan::Rate { per_sec, duration, payload, mix } => {
+        Plan::Rate { per_sec, duration, payload, mix, broadcast } => {
             let total_w: u32 = mix.iter().sum();
             loop {
                 let intended = match per_sec {
@@ -394,9 +433,13 @@ async fn schedule(run: &Run, plan: &Plan, pubs: &[flume::Sender<Outgoing>], t0: 
                     prio += 1;
                 }
                 let intended_us = base_us + intended.as_micros() as u64;
-                let line = event_line(user, nonce, intended_us, "load", PRIORITIES[prio], *payload);
+                let target = (!broadcast).then_some(user);
+                let line = event_line(target, nonce, intended_us, "load", PRIORITIES[prio], *payload);
+                // A user's events all go through one publisher (so they stay in
+                // order); broadcasts rotate, and the checker orders each source.
+                let slot = if *broadcast { broadcast_source(nonce, pubs.len()) } else { user % pubs.len() };
                 nonce += 1;
-                if pubs[user % pubs.len()].send_async(Outgoing { user, line }).await.is_err() {
+                if pubs[slot].send_async(Outgoing { user, line }).await.is_err() {
                     break;
                 }
             }
@@ -406,7 +449,7 @@ async fn schedule(run: &Run, plan: &Plan, pubs: &[flume::Sender<Outgoing>], t0: 
                 wait_until(t0 + p.at).await;
                 let ev = &events[p.event];
                 let intended_us = base_us + p.at.as_micros() as u64;
-                let line = event_line(p.user, nonce, intended_us, &ev.event, &ev.priority, ev.bytes);
+                let line = event_line(Some(p.user), nonce, intended_us, &ev.event, &ev.priority, ev.bytes);
                 nonce += 1;
                 if pubs[p.user % pubs.len()].send_async(Outgoing { user: p.user, line }).await.is_err() {
                     break;
@@ -468,6 +511,56 @@ async fn publisher_task(run: Arc<Run>, ws: Ws, rx: flume::Receiver<Outgoing>) ->
     drop(frames_tx);
     acker.await??;
     let _ = sink.close().await;
+    Ok(())
+}
+
+/// Broadcasts one at a time over a keep-alive HTTP/1.1 connection, so the
+/// broker applies this broadcaster's events in schedule order; counts the
+/// accepted ones.
+async fn broadcaster_task(run: Arc<Run>, api: String, rx: flume::Receiver<Outgoing>) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let host = api.trim_start_matches("http://").to_string();
+    let stream = TcpStream::connect(&host).await.with_context(|| format!("connecting to {host}"))?;
+    let _ = stream.set_nodelay(true);
+    let mut conn = BufReader::new(stream);
+    let auth =
+        run.common.api_key.as_deref().map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let mut line = String::new();
+    while let Ok(o) = rx.recv_async().await {
+        let head = format!(
+            "POST /v1/broadcast HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            o.line.len()
+        );
+        conn.get_mut().write_all(head.as_bytes()).await?;
+        conn.get_mut().write_all(o.line.as_bytes()).await?;
+        // Status line, headers (Content-Length), body.
+        line.clear();
+        conn.read_line(&mut line).await?;
+        let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut body_len = 0usize;
+        loop {
+            line.clear();
+            if conn.read_line(&mut line).await? == 0 {
+                bail!("broadcast connection closed");
+            }
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = header.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    body_len = v.trim().parse().context("bad Content-Length")?;
+                }
+            }
+        }
+        let mut body = vec![0u8; body_len];
+        conn.read_exact(&mut body).await?;
+        if status == 200 {
+            run.broadcasts.fetch_add(1, Ordering::Relaxed);
+        } else if status != 503 {
+            bail!("broadcast answered {status}: {}", String::from_utf8_lossy(&body));
+        }
+    }
     Ok(())
 }
 
@@ -573,7 +666,12 @@ async fn client_task(
                     if ev.ty != "event" { continue }
                     let Some(d) = ev.data else { continue };
                     let lane = match ev.priority { "high" => 0, "low" => 2, _ => 1 };
-                    check.observe(&name, d.u, ev.seq, d.n, lane);
+                    let (own, lane) = if d.u == EVERYONE {
+                        (EVERYONE, lane + 3 * broadcast_source(d.n, run.common.publishers))
+                    } else {
+                        (name.as_str(), lane)
+                    };
+                    check.observe(own, d.u, ev.seq, d.n, lane);
                     run.received.fetch_add(1, Ordering::Relaxed);
                     let now_us = run.start.elapsed().as_micros() as u64;
                     lat.push(now_us.saturating_sub(d.t));
@@ -692,7 +790,11 @@ fn report(
     let delivered_per_s = t.received as f64 / delivery.as_secs_f64().max(1e-9);
     let sent_per_s = t.sent as f64 / publish.as_secs_f64().max(1e-9);
     let mode = match plan {
-        Plan::Rate { per_sec, .. } => per_sec.map_or("rate=max".to_string(), |r| format!("rate={r}")),
+        Plan::Rate { per_sec, broadcast, .. } => format!(
+            "{}rate={}",
+            if *broadcast { "broadcast " } else { "" },
+            per_sec.map_or("max".to_string(), |r| r.to_string())
+        ),
         Plan::Trace { planned, .. } => format!("trace events={}", planned.len()),
     };
     println!(
