@@ -286,7 +286,9 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
     let mut pub_txs = Vec::new();
     let mut pub_tasks = Vec::new();
     for _ in (0..common.publishers.min(MAX_SOURCES)).filter(|_| broadcasting) {
-        let (tx, rx) = flume::bounded::<Outgoing>(8192);
+        // Short: one broadcast is a lot of work, and at rate=max whatever
+        // waits here is still sent after the schedule ends.
+        let (tx, rx) = flume::bounded::<Outgoing>(16);
         pub_tasks.push(tokio::spawn(broadcaster_task(run.clone(), api.clone(), rx)));
         pub_txs.push(tx);
     }
