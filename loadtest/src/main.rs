@@ -320,6 +320,13 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let delivery_elapsed = publish_start.elapsed();
+    let outstanding = expected.saturating_sub(run.received.load(Ordering::Relaxed));
+    if outstanding > 0 {
+        eprintln!(
+            "drain window ({:?}) closed with {outstanding} deliveries outstanding; they count as lost",
+            common.drain
+        );
+    }
     run.stop.store(true, Ordering::Relaxed);
     run.stopped.send_replace(true);
     progress.abort();
