@@ -2,27 +2,12 @@
 //! here so a regression shows up in `cargo test`: the `--echo-path`
 //! conformance aid, and control frames over 125 bytes (Autobahn 7.3.6).
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::util::*;
-
-/// Next data frame (text or binary), skipping control frames; bounded by [`WAIT`].
-async fn next_data(ws: &mut Ws) -> Message {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let msg = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .expect("a frame in time")
-            .expect("stream open")
-            .expect("valid frame");
-        if msg.is_text() || msg.is_binary() {
-            return msg;
-        }
-    }
-}
 
 #[tokio::test]
 async fn echo_path_echoes_data_frames_without_auth_and_users_are_unaffected() {
@@ -60,28 +45,28 @@ async fn echo_path_is_off_by_default() {
     assert_eq!(next_events(&mut ws, 1).await[0]["event"], "agent_started");
 }
 
-/// A close frame whose payload is over 125 bytes must be answered with 1002
-/// (fastwebsockets would echo it back), on user connections as on echo ones.
-#[tokio::test]
-async fn oversized_close_frame_gets_1002() {
+/// Sends one masked control frame with `payload` on a user connection and
+/// expects close code 1002; another user is still served afterwards.
+async fn control_frame_gets_1002(opcode: u8, payload: &[u8]) {
     let b = TestBroker::start();
     let mut s = raw_ws_silent(b.client, "user=alice").await;
-    let mut payload = 1000u16.to_be_bytes().to_vec();
-    payload.extend_from_slice(&[b'x'; 124]);
-    s.write_all(&masked_frame(0x8, &payload)).await.expect("write");
+    s.write_all(&masked_frame(opcode, payload)).await.expect("write");
     assert_eq!(raw_close_code(s).await, Some(1002));
     let (mut ws, _) = b.connect("bob").await;
     b.publish("bob", "agent_started", json!({})).await;
     assert_eq!(next_events(&mut ws, 1).await[0]["event"], "agent_started");
 }
 
+/// A close frame whose payload is over 125 bytes must be answered with 1002
+/// (fastwebsockets would echo it back: Autobahn case 7.3.6).
+#[tokio::test]
+async fn oversized_close_frame_gets_1002() {
+    let mut payload = 1000u16.to_be_bytes().to_vec();
+    payload.extend_from_slice(&[b'x'; 124]);
+    control_frame_gets_1002(0x8, &payload).await;
+}
+
 #[tokio::test]
 async fn oversized_pong_gets_1002() {
-    let b = TestBroker::start();
-    let mut s = raw_ws_silent(b.client, "user=alice").await;
-    s.write_all(&masked_frame(0xA, &[7u8; 126])).await.expect("write");
-    assert_eq!(raw_close_code(s).await, Some(1002));
-    let (mut ws, _) = b.connect("bob").await;
-    b.publish("bob", "agent_started", json!({})).await;
-    assert_eq!(next_events(&mut ws, 1).await[0]["event"], "agent_started");
+    control_frame_gets_1002(0xA, &[7u8; 126]).await;
 }

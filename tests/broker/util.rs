@@ -143,9 +143,9 @@ pub async fn http(
     (status, headers, body)
 }
 
-/// Next text frame as JSON (protocol pings are answered by tungstenite and
-/// skipped). The whole wait, pings included, is bounded by [`WAIT`].
-pub async fn next_json<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> Value {
+/// Next data frame (text or binary); protocol pings are answered by
+/// tungstenite and skipped. The whole wait, pings included, is bounded by [`WAIT`].
+pub async fn next_data<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> Message {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let msg = tokio::time::timeout_at(deadline, ws.next())
@@ -154,10 +154,17 @@ pub async fn next_json<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStre
             .expect("stream open")
             .expect("valid frame");
         match msg {
-            Message::Text(t) => return serde_json::from_str(&t).expect("JSON frame"),
             Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
+            other => return other,
         }
+    }
+}
+
+/// Next text frame as JSON.
+pub async fn next_json<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> Value {
+    match next_data(ws).await {
+        Message::Text(t) => serde_json::from_str(&t).expect("JSON frame"),
+        other => panic!("expected a text frame, got {other:?}"),
     }
 }
 
