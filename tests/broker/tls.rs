@@ -1,8 +1,8 @@
 //! TLS on the client listener (`--tls-cert` / `--tls-key`), with a
 //! certificate generated here: wss:// clients get the same protocol, a
-//! backlog arrives whole and in order, plain-text and failed handshakes are
-//! dropped while TLS clients keep being served, and unusable files are a
-//! start-up error naming the flag.
+//! backlog arrives whole and in order, plain-text, failed and silent
+//! handshakes are dropped while TLS clients keep being served, and unusable
+//! files are a start-up error naming the flag.
 
 use std::sync::Arc;
 
@@ -107,6 +107,30 @@ async fn plain_and_broken_handshakes_are_dropped_and_tls_clients_still_served() 
     assert_eq!(next_json(&mut ws).await["type"], "welcome");
     b.publish("alice", "agent_started", json!({})).await;
     assert_eq!(next_events(&mut ws, 1).await[0]["event"], "agent_started");
+}
+
+/// The TLS handshake counts against --handshake-timeout and
+/// --max-pending-handshakes: a client that connects and never says hello
+/// holds its slot only until the timeout, and is then dropped.
+#[tokio::test]
+async fn silent_tls_clients_are_dropped_at_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt;
+    let cert = TestCert::new();
+    let b = TestBroker::with(|c| {
+        c.tls = Some(cert.files());
+        c.handshake_timeout = std::time::Duration::from_millis(300);
+        c.max_pending_handshakes = 1;
+    });
+    let started = tokio::time::Instant::now();
+    let mut silent = TcpStream::connect(b.client).await.expect("connect");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, silent.read(&mut buf)).await.expect("dropped in time");
+    assert!(matches!(n, Ok(0) | Err(_)), "the silent client is closed, not answered");
+    // A timeout cannot fire early: this shows the broker waited for it.
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    // Its slot is free again: a real client gets through.
+    let mut ws = connect_wss(&b, &cert, "alice").await;
+    assert_eq!(next_json(&mut ws).await["type"], "welcome");
 }
 
 #[tokio::test]
