@@ -72,6 +72,20 @@ pub enum StartError {
     Tls(#[from] crate::listener::tls::TlsError),
 }
 
+impl StartError {
+    /// The process exit status: 2 when a flag's value cannot be used (as
+    /// for refused configurations), 1 when the environment failed us.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Tls(_) => 2,
+            StartError::BindClient { .. }
+            | StartError::BindApi { .. }
+            | StartError::Runtime(_)
+            | StartError::Thread(_) => 1,
+        }
+    }
+}
+
 /// A started broker.
 pub struct Running {
     pub client_addr: SocketAddr,

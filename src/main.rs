@@ -28,7 +28,7 @@ fn main() -> ExitCode {
         Ok(b) => b,
         Err(e) => {
             eprintln!("switchyard: {e}");
-            return ExitCode::from(1);
+            return ExitCode::from(e.exit_code());
         }
     };
     if let Err(e) = switchyard::signals::wait_for_shutdown(&broker) {

@@ -16,6 +16,9 @@ fn bad_flag_values_exit_2_naming_the_flag() {
         (vec!["--listen", "nowhere"], "--listen"),
         (vec!["--log-format", "xml"], "--log-format"),
         (vec!["--history-size", "2048"], "--history-size"),
+        (vec!["--echo-path", "/ws"], "--echo-path"),
+        (vec!["--tls-cert", "/nonexistent/cert.pem"], "--tls-key"), // needs its pair
+        (vec!["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"], "--tls-cert"),
     ] {
         let out = Command::new(BIN).args(&args).output().expect("runs");
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -45,8 +48,16 @@ fn unsafe_exposure_is_refused_with_2() {
 fn help_documents_every_flag() {
     let out = Command::new(BIN).arg("--help").output().expect("runs");
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--listen", "--api-listen", "--jwt-secret", "--api-key", "--max-queue", "SWITCHYARD_LISTEN"]
-    {
+    for flag in [
+        "--listen",
+        "--api-listen",
+        "--jwt-secret",
+        "--api-key",
+        "--max-queue",
+        "--tls-cert",
+        "--echo-path",
+        "SWITCHYARD_LISTEN",
+    ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
 }
