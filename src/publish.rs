@@ -190,6 +190,46 @@ pub fn submit_all(
     out
 }
 
+/// Parses, submits and resolves the items of a batch or a stream frame, in
+/// order, with one reservation per shard for all of them ([`submit_all`]).
+/// Without `want_reply` accepted items resolve at once to
+/// [`Published::Accepted`]. Failed items are counted in the API error counters.
+pub async fn publish_items(
+    shared: &Shared,
+    items: &[&[u8]],
+    want_reply: bool,
+) -> Vec<Result<Published, PublishError>> {
+    let parsed = items.iter().map(|raw| parse_raw(shared, raw)).collect();
+    let mut out = Vec::with_capacity(items.len());
+    for submitted in submit_all(shared, parsed, want_reply) {
+        let r = match submitted {
+            Ok(p) => resolve(p).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &r {
+            shared.api_errors.count(e.code());
+        }
+        out.push(r);
+    }
+    out
+}
+
+/// Appends the JSON array of per-item results (as in `/v1/publish/batch` and
+/// stream acks): each a result object or an `{"error":{...}}` object.
+pub fn write_results(out: &mut String, results: &[Result<Published, PublishError>]) {
+    out.push('[');
+    for (i, r) in results.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match r {
+            Ok(p) => p.write_json(out),
+            Err(e) => out.push_str(&e.to_json().to_string()),
+        }
+    }
+    out.push(']');
+}
+
 /// Waits for the shards' replies.
 pub async fn resolve(p: Pending) -> Result<Published, PublishError> {
     match p {

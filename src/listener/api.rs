@@ -22,7 +22,7 @@ use crate::batch;
 use crate::broker::Shared;
 use crate::listener::stream;
 use crate::observe;
-use crate::protocol::{self, InvalidInput, UserId};
+use crate::protocol::{self, UserId};
 use crate::publish::{self, PublishError};
 use crate::shard::Command;
 
@@ -63,7 +63,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
 
 /// A JSON response.
 pub fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    json_text(status, v.to_string())
+}
+
+/// A JSON response from already-formatted JSON text.
+fn json_text(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
@@ -173,32 +178,16 @@ async fn publish_batch(req: Request<Incoming>, shared: &Shared) -> Response<Body
         Ok(b) => b,
         Err(r) => return r,
     };
-    match run_batch(shared, &body).await {
-        Ok(results) => json(StatusCode::OK, &serde_json::json!({ "results": results })),
-        Err(e) => error(400, e.code, &e.message),
-    }
-}
-
-/// Splits, submits and resolves a batch; per-item results in order.
-pub async fn run_batch(shared: &Shared, body: &[u8]) -> Result<Vec<serde_json::Value>, InvalidInput> {
-    let items = batch::split(body)?;
-    let parsed = items.iter().map(|raw| publish::parse_raw(shared, raw)).collect();
-    let submitted = publish::submit_all(shared, parsed, true);
-    let mut results = Vec::with_capacity(submitted.len());
-    for s in submitted {
-        let r = match s {
-            Ok(p) => publish::resolve(p).await,
-            Err(e) => Err(e),
-        };
-        results.push(match r {
-            Ok(p) => p.to_json(),
-            Err(e) => {
-                shared.api_errors.count(e.code());
-                e.to_json()
-            }
-        });
-    }
-    Ok(results)
+    let items = match batch::split(&body) {
+        Ok(items) => items,
+        Err(e) => return error(400, e.code, &e.message),
+    };
+    let results = publish::publish_items(shared, &items, true).await;
+    let mut out = String::with_capacity(16 + 32 * results.len());
+    out.push_str("{\"results\":");
+    publish::write_results(&mut out, &results);
+    out.push('}');
+    json_text(StatusCode::OK, out)
 }
 
 async fn broadcast(req: Request<Incoming>, shared: &Shared) -> Response<Body> {

@@ -103,42 +103,23 @@ async fn handle_frame(shared: &Shared, payload: &[u8], acks: bool) -> Vec<String
             return vec![err.to_string()];
         }
     };
-    let parsed = items.iter().map(|raw| publish::parse_raw(shared, raw)).collect();
-    let submitted = publish::submit_all(shared, parsed, acks);
-    let mut ack = String::new();
+    let results = publish::publish_items(shared, &items, acks).await;
     if acks {
-        ack.reserve(32 + 32 * submitted.len());
-        ack.push_str("{\"type\":\"ack\",\"results\":[");
+        let mut ack = String::with_capacity(32 + 32 * results.len());
+        ack.push_str("{\"type\":\"ack\",\"results\":");
+        publish::write_results(&mut ack, &results);
+        ack.push('}');
+        return vec![ack];
     }
-    let mut errors = Vec::new();
-    for (index, s) in submitted.into_iter().enumerate() {
-        let r = match s {
-            Ok(p) if acks => publish::resolve(p).await,
-            Ok(_) => continue,
-            Err(e) => Err(e),
-        };
-        if acks && index > 0 {
-            ack.push(',');
-        }
-        match r {
-            Ok(p) => p.write_json(&mut ack),
-            Err(e) => {
-                shared.api_errors.count(e.code());
-                if acks {
-                    ack.push_str(&e.to_json().to_string());
-                } else {
-                    let err = serde_json::json!({
-                        "type": "error", "code": e.code(), "message": e.to_string(), "index": index
-                    });
-                    errors.push(err.to_string());
-                }
-            }
-        }
-    }
-    if acks {
-        ack.push_str("]}");
-        vec![ack]
-    } else {
-        errors
-    }
+    results
+        .iter()
+        .enumerate()
+        .filter_map(|(index, r)| {
+            let e = r.as_ref().err()?;
+            let err = serde_json::json!({
+                "type": "error", "code": e.code(), "message": e.to_string(), "index": index
+            });
+            Some(err.to_string())
+        })
+        .collect()
 }
