@@ -357,9 +357,7 @@ type Admitted = (usize, Peer, Bytes);
 
 /// Checks origin and credentials and takes a connection slot.
 fn admit(shared: &Shared, up: UpgradeRequest) -> Result<Admitted, Refusal> {
-    if !origin_allowed(&shared.config.allowed_origins, up.origin.as_deref()) {
-        return Err(Refusal::new(403, "forbidden_origin", "this Origin may not open a socket"));
-    }
+    check_origin(shared, &up)?;
     let creds = Credentials {
         query_user: up.query_user.as_deref(),
         query_token: up.query_token.as_deref(),
@@ -378,12 +376,18 @@ fn admit(shared: &Shared, up: UpgradeRequest) -> Result<Admitted, Refusal> {
 
 /// Admits an `--echo-path` connection: origin checked, no credentials.
 fn admit_echo(shared: &Shared, up: UpgradeRequest) -> Result<Admitted, Refusal> {
-    if !origin_allowed(&shared.config.allowed_origins, up.origin.as_deref()) {
-        return Err(Refusal::new(403, "forbidden_origin", "this Origin may not open a socket"));
-    }
+    check_origin(shared, &up)?;
     take_slot(shared)?;
     let shard = fastrand::usize(..shared.shards.len());
     Ok((shard, Peer::Echo, switching_protocols(&up.accept_key)))
+}
+
+fn check_origin(shared: &Shared, up: &UpgradeRequest) -> Result<(), Refusal> {
+    if origin_allowed(&shared.config.allowed_origins, up.origin.as_deref()) {
+        Ok(())
+    } else {
+        Err(Refusal::new(403, "forbidden_origin", "this Origin may not open a socket"))
+    }
 }
 
 fn take_slot(shared: &Shared) -> Result<(), Refusal> {
