@@ -135,13 +135,18 @@ fn parse(c: &mut Criterion) {
     g.finish();
 }
 
+const QUEUE_LIMITS: switchyard::connection::Limits =
+    switchyard::connection::Limits { max_frames: 1024, max_bytes: 4 << 20, control_bytes: 4 << 20 };
+const HISTORY_LIMITS: switchyard::shard::history::Limits =
+    switchyard::shard::history::Limits { events: 128, bytes: 1 << 20 };
+
 fn fan_out(c: &mut Criterion) {
     let mut g = c.benchmark_group("fan_out");
     let frame = protocol::encode_event_frame(1, &event(128), 0);
     for k in [1usize, 8, 64] {
         g.throughput(Throughput::Elements(k as u64));
         g.bench_function(format!("{k}_queues"), |b| {
-            let mut queues: Vec<OutQueue> = (0..k).map(|_| OutQueue::new(1024)).collect();
+            let mut queues: Vec<OutQueue> = (0..k).map(|_| OutQueue::new(QUEUE_LIMITS)).collect();
             let mut sink = Vec::with_capacity(64);
             let now = Instant::now();
             b.iter(|| {
@@ -173,21 +178,21 @@ fn history(c: &mut Criterion) {
         let mut seq = 0;
         b.iter(|| {
             seq += 1;
-            h.push(Held { seq, frame: frame.clone(), priority: Priority::Normal, at: now }, 128);
+            h.push(Held { seq, frame: frame.clone(), priority: Priority::Normal, at: now }, HISTORY_LIMITS);
         })
     });
     let mut h = History::default();
     for seq in 1..=128 {
-        h.push(Held { seq, frame: frame.clone(), priority: Priority::Normal, at: now }, 128);
+        h.push(Held { seq, frame: frame.clone(), priority: Priority::Normal, at: now }, HISTORY_LIMITS);
     }
     g.throughput(Throughput::Elements(64));
     g.bench_function("replay_64_of_128", |b| {
-        let mut q = OutQueue::new(1024);
+        let mut q = OutQueue::new(QUEUE_LIMITS);
         let mut sink = Vec::with_capacity(64);
         b.iter(|| {
-            if let switchyard::shard::history::Replay::Complete(idx) = h.plan_replay(64, 128) {
-                for i in idx {
-                    if let Some(e) = h.get(i) {
+            if let switchyard::shard::history::Replay::From(first) = h.plan_replay(64, 128) {
+                for seq in first..=128 {
+                    if let Some(e) = h.get_seq(seq) {
                         q.push_event(Outbound {
                             frame: e.frame.clone(),
                             accepted: None,

@@ -16,7 +16,13 @@ pub fn split(body: &[u8]) -> Result<Vec<&[u8]>, InvalidInput> {
     let items = if trimmed.first() == Some(&b'[') {
         split_array(trimmed)?
     } else {
-        trimmed.split(|&b| b == b'\n').map(|l| l.trim_ascii()).filter(|l| !l.is_empty()).collect()
+        // Stops one past the cap: a body of a million lines is not collected first.
+        trimmed
+            .split(|&b| b == b'\n')
+            .map(|l| l.trim_ascii())
+            .filter(|l| !l.is_empty())
+            .take(MAX_ITEMS + 1)
+            .collect()
     };
     if items.len() > MAX_ITEMS {
         return Err(InvalidInput::new("too_many_items", format!("a batch holds at most {MAX_ITEMS} items")));

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +31,10 @@ pub struct Shared {
     /// Client connections admitted (handed over or live), across shards:
     /// enforces `--max-connections` without asking the shards.
     live: AtomicUsize,
-    /// Random per start: the prefix of every user epoch, so a restart changes them all.
+    /// 64 random bits from the operating system, drawn at start: the prefix
+    /// of every user epoch, so a restart changes them all and an old epoch
+    /// never matches new history (a shard and a per-shard counter follow,
+    /// so no two states of a run share an epoch either).
     pub boot: String,
     pub redactor: Redactor,
     pub auth: Authenticator,
@@ -70,6 +74,8 @@ pub enum StartError {
     Thread(std::io::Error),
     #[error(transparent)]
     Tls(#[from] crate::listener::tls::TlsError),
+    #[error("cannot read random bits from the operating system: {0}")]
+    Random(getrandom::Error),
 }
 
 impl StartError {
@@ -80,6 +86,7 @@ impl StartError {
             StartError::Tls(_) => 2,
             StartError::BindClient { .. }
             | StartError::BindApi { .. }
+            | StartError::Random(_)
             | StartError::Runtime(_)
             | StartError::Thread(_) => 1,
         }
@@ -91,7 +98,11 @@ pub struct Running {
     pub client_addr: SocketAddr,
     pub api_addr: SocketAddr,
     pub shared: Arc<Shared>,
+    /// Stops the listeners: no more accepts, publisher streams closed
+    /// (1001), keep-alive connections closed after their request in flight.
     shutdown: CancellationToken,
+    /// API connections still open (publisher streams included).
+    api_open: listener::api::OpenConnections,
     shards: Vec<JoinHandle<Option<Latency>>>,
     io: Option<tokio::runtime::Runtime>,
 }
@@ -102,14 +113,24 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(l)
 }
 
-fn boot_id() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    (0..4).map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char).collect()
+/// 64 bits from the OS RNG in base 36 (13 characters), then a `-`.
+fn boot_id() -> Result<String, StartError> {
+    let mut n = getrandom::u64().map_err(StartError::Random)?;
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = String::with_capacity(14);
+    for _ in 0..13 {
+        out.push(ALPHABET[(n % 36) as usize] as char);
+        n /= 36;
+    }
+    out.push('-');
+    Ok(out)
 }
 
 /// Starts a broker: binds both listeners, spawns the shards and the I/O runtime.
 pub fn start(config: Config) -> Result<Running, StartError> {
     let tls = config.tls.as_ref().map(listener::tls::acceptor).transpose()?;
+    let api_tls = config.api_tls.as_ref().map(listener::tls::acceptor).transpose()?;
+    let boot = boot_id()?;
     let client =
         bind(config.listen).map_err(|source| StartError::BindClient { addr: config.listen, source })?;
     let api =
@@ -123,20 +144,21 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         router: Router::new(RoutingTable::uniform(config.shards)),
         shards,
         live: AtomicUsize::new(0),
-        boot: boot_id(),
+        boot,
         redactor: Redactor::new(config.redact_keys.clone()),
         auth: Authenticator::new(config.jwt_secret.as_deref()),
         api_errors: ApiErrors::default(),
         config,
     });
     let shutdown = CancellationToken::new();
+    let api_open = listener::api::OpenConnections::new(shared.config.api_max_connections);
 
     let mut threads = Vec::with_capacity(shared.shards.len());
     for id in 0..shared.shards.len() {
-        let (shared, token) = (shared.clone(), shutdown.clone());
+        let shared = shared.clone();
         let t = std::thread::Builder::new()
             .name(format!("shard-{id}"))
-            .spawn(move || match shard::reactor::run(id, shared, token) {
+            .spawn(move || match shard::reactor::run(id, shared) {
                 Ok(latency) => Some(latency),
                 Err(e) => {
                     tracing::error!(shard = id, error = %e, "shard failed to start");
@@ -158,7 +180,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         let client = tokio::net::TcpListener::from_std(client).map_err(StartError::Runtime)?;
         let api = tokio::net::TcpListener::from_std(api).map_err(StartError::Runtime)?;
         io.spawn(listener::client::serve(client, tls, shared.clone(), shutdown.clone()));
-        io.spawn(listener::api::serve(api, shared.clone(), shutdown.clone()));
+        io.spawn(listener::api::serve(api, api_tls, shared.clone(), api_open.clone(), shutdown.clone()));
         if let (Some(dir), Some(every)) = (&shared.config.hist_dir, shared.config.hist_interval) {
             io.spawn(crate::histdump::interval_log(shared.clone(), dir.clone(), every, shutdown.clone()));
         }
@@ -172,7 +194,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         shards = shared.shards.len(),
         "switchyard listening"
     );
-    Ok(Running { client_addr, api_addr, shared, shutdown, shards: threads, io: Some(io) })
+    Ok(Running { client_addr, api_addr, shared, shutdown, api_open, shards: threads, io: Some(io) })
 }
 
 impl Running {
@@ -181,11 +203,25 @@ impl Running {
         self.shutdown.clone()
     }
 
-    /// Stops accepting, drains every shard (close 1001 after flushing, up to
-    /// `--drain-timeout`) and waits for the shard threads. Blocking.
+    /// The contract's shutdown (§8), blocking, within `--drain-timeout`:
+    /// stop accepting; close publisher streams with 1001, applying every
+    /// frame sent before the publisher answered the close; answer HTTP
+    /// requests in flight; then (behind every accepted publish, in each
+    /// ring) tell the shards to flush and close their connections with 1001.
     /// Returns the shards' final latency histograms, merged.
     pub fn shutdown(mut self) -> Latency {
         self.shutdown.cancel();
+        let deadline = std::time::Instant::now() + self.shared.config.drain_timeout;
+        if let Some(io) = &self.io {
+            let open = self.api_open.clone();
+            io.block_on(async move {
+                let _ = tokio::time::timeout_at(deadline.into(), open.all_closed()).await;
+            });
+        }
+        // Shards flush for at least a moment even if the API used all the time.
+        let floor =
+            std::time::Instant::now() + self.shared.config.drain_timeout.min(Duration::from_millis(200));
+        stop_shards(&self.shared, deadline.max(floor));
         let mut merged = Latency::default();
         for t in self.shards.drain(..) {
             if let Ok(Some(l)) = t.join() {
@@ -199,8 +235,28 @@ impl Running {
     }
 }
 
+/// Pushes [`shard::Command::Shutdown`] into every ring (retrying briefly
+/// while a ring is full, since it must get in behind what is there).
+fn stop_shards(shared: &Shared, deadline: std::time::Instant) {
+    for h in shared.shards.iter() {
+        let mut cmd = shard::Command::Shutdown { deadline };
+        for _ in 0..10_000 {
+            match h.ring.push(cmd) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    cmd = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
+        if !self.shards.is_empty() {
+            stop_shards(&self.shared, std::time::Instant::now());
+        }
         self.shutdown.cancel();
         if let Some(io) = self.io.take() {
             io.shutdown_background();

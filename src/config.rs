@@ -102,9 +102,22 @@ pub struct Flags {
     #[arg(long, env = "SWITCHYARD_MAX_PAYLOAD", default_value = "64KiB", value_parser = parse_size)]
     pub max_payload: usize,
 
+    /// Bytes of queued frames per connection (control frames and error
+    /// replies included) before the slow-consumer policy applies.
+    #[arg(long, env = "SWITCHYARD_MAX_QUEUE_BYTES", default_value = "4MiB", value_parser = parse_size)]
+    pub max_queue_bytes: usize,
+
     /// Events kept per user for resume.
-    #[arg(long, env = "SWITCHYARD_HISTORY_SIZE", default_value_t = 128, value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
+    #[arg(long, env = "SWITCHYARD_HISTORY_SIZE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
     pub history_size: u32,
+
+    /// Bytes of encoded events kept per user for resume.
+    #[arg(long, env = "SWITCHYARD_HISTORY_BYTES", default_value = "1MiB", value_parser = parse_size)]
+    pub history_bytes: usize,
+
+    /// Bytes of history across all users; past it the oldest events are evicted.
+    #[arg(long, env = "SWITCHYARD_HISTORY_MEMORY", default_value = "1GiB", value_parser = parse_size)]
+    pub history_memory: usize,
 
     /// How long events are kept, and how long an idle user's state lives.
     #[arg(long, env = "SWITCHYARD_HISTORY_TTL", default_value = "300s", value_parser = parse_duration)]
@@ -141,6 +154,24 @@ pub struct Flags {
     #[arg(long, env = "SWITCHYARD_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// Allow --echo-path on a non-loopback --listen (it needs no auth and
+    /// takes 16 MiB messages, so it is refused there by default).
+    #[arg(long, env = "SWITCHYARD_ALLOW_PUBLIC_ECHO")]
+    pub allow_public_echo: bool,
+
+    /// Most API connections (keep-alive and publisher streams) open at once;
+    /// more get 503 at once.
+    #[arg(long, env = "SWITCHYARD_API_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub api_max_connections: u32,
+
+    /// PEM certificate chain for the API listener; with --api-tls-key, it serves https:// and wss://.
+    #[arg(long, env = "SWITCHYARD_API_TLS_CERT", requires = "api_tls_key")]
+    pub api_tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --api-tls-cert.
+    #[arg(long, env = "SWITCHYARD_API_TLS_KEY", requires = "api_tls_cert")]
+    pub api_tls_key: Option<PathBuf>,
+
     /// Log format: pretty or json (level from RUST_LOG).
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
@@ -159,8 +190,14 @@ pub enum ConfigError {
     EmptySecret,
     #[error("--api-key must not be empty")]
     EmptyApiKey,
-    #[error("--history-size ({history}) must not exceed --max-queue ({queue}): a full replay must fit in a connection's queue")]
-    HistoryOverQueue { history: u32, queue: u32 },
+    #[error("--{flag} {value:?} is longer than the most it accepts ({max:?})")]
+    TooLong { flag: &'static str, value: Duration, max: Duration },
+    #[error("--max-payload {0} is over the most accepted (16 MiB)")]
+    PayloadTooLarge(usize),
+    #[error("--max-queue-bytes must be at least --max-payload plus 64 bytes, or no event could be queued")]
+    QueueBytesBelowPayload,
+    #[error("--echo-path on a non-loopback --listen {0}: echo connections need no auth and take 16 MiB messages; pass --allow-public-echo to allow it")]
+    PublicEcho(SocketAddr),
     #[error(
         "--idle-timeout must be longer than --ping-interval, or idle clients are cut before they are pinged"
     )]
@@ -172,6 +209,10 @@ pub enum ConfigError {
     #[error("--echo-path {0:?} must start with '/' and not be /ws or /healthz")]
     EchoPath(String),
 }
+
+/// Largest `--max-payload` accepted: a batch holds 1,000 of them, and a
+/// stream message is capped at 64 MiB.
+const MAX_PAYLOAD_LIMIT: usize = 16 << 20;
 
 /// Validated, immutable broker configuration.
 #[derive(Debug, Clone)]
@@ -193,8 +234,12 @@ pub struct Config {
     pub max_connections: usize,
     pub max_conns_per_user: usize,
     pub max_queue: usize,
+    pub max_queue_bytes: usize,
     pub max_payload: usize,
     pub history_size: usize,
+    pub history_bytes: usize,
+    pub history_memory: usize,
+    pub api_max_connections: usize,
     pub history_ttl: Duration,
     pub drain_timeout: Duration,
     pub redact_keys: Vec<String>,
@@ -204,6 +249,8 @@ pub struct Config {
     pub echo_path: Option<String>,
     /// Certificate chain and key files for TLS on the client listener.
     pub tls: Option<TlsFiles>,
+    /// Certificate chain and key files for TLS on the API listener.
+    pub api_tls: Option<TlsFiles>,
     pub log_format: LogFormat,
 }
 
@@ -212,6 +259,8 @@ pub struct Config {
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The flags' common stem (`tls` or `api-tls`), for error messages.
+    pub flag: &'static str,
 }
 
 impl Config {
@@ -239,24 +288,40 @@ impl Config {
         if f.api_key.is_none() && !f.api_listen.ip().is_loopback() {
             return Err(ConfigError::OpenApi(f.api_listen));
         }
-        if f.history_size > f.max_queue {
-            return Err(ConfigError::HistoryOverQueue { history: f.history_size, queue: f.max_queue });
-        }
-        for (flag, d) in [
-            ("ping-interval", f.ping_interval),
-            ("idle-timeout", f.idle_timeout),
-            ("handshake-timeout", f.handshake_timeout),
-            ("history-ttl", f.history_ttl),
+        const HOUR: u64 = 3600;
+        for (flag, d, max_secs, may_be_zero) in [
+            ("ping-interval", f.ping_interval, HOUR, false),
+            ("idle-timeout", f.idle_timeout, 24 * HOUR, false),
+            ("handshake-timeout", f.handshake_timeout, 600, false),
+            ("history-ttl", f.history_ttl, 30 * 24 * HOUR, false),
+            ("drain-timeout", f.drain_timeout, HOUR, true),
+            ("hist-interval", f.hist_interval.unwrap_or(Duration::from_secs(1)), 24 * HOUR, false),
         ] {
-            if d.is_zero() {
+            if d.is_zero() && !may_be_zero {
                 return Err(ConfigError::Zero { flag });
             }
+            let max = Duration::from_secs(max_secs);
+            if d > max {
+                return Err(ConfigError::TooLong { flag, value: d, max });
+            }
+        }
+        if f.max_queue_bytes < f.max_payload.saturating_add(64) {
+            return Err(ConfigError::QueueBytesBelowPayload);
+        }
+        if f.history_memory == 0 {
+            return Err(ConfigError::Zero { flag: "history-memory" });
+        }
+        if f.echo_path.is_some() && !f.listen.ip().is_loopback() && !f.allow_public_echo {
+            return Err(ConfigError::PublicEcho(f.listen));
         }
         if f.max_connections == 0 {
             return Err(ConfigError::Zero { flag: "max-connections" });
         }
         if f.max_payload == 0 {
             return Err(ConfigError::Zero { flag: "max-payload" });
+        }
+        if f.max_payload > MAX_PAYLOAD_LIMIT {
+            return Err(ConfigError::PayloadTooLarge(f.max_payload));
         }
         if f.idle_timeout <= f.ping_interval {
             return Err(ConfigError::IdleBeforePing);
@@ -289,15 +354,24 @@ impl Config {
             max_connections: f.max_connections,
             max_conns_per_user: f.max_conns_per_user as usize,
             max_queue: f.max_queue as usize,
+            max_queue_bytes: f.max_queue_bytes,
             max_payload: f.max_payload,
             history_size: f.history_size as usize,
+            history_bytes: f.history_bytes,
+            history_memory: f.history_memory,
+            api_max_connections: f.api_max_connections as usize,
             history_ttl: f.history_ttl,
             drain_timeout: f.drain_timeout,
             redact_keys: f.redact_keys,
             hist_dir: f.hist_dir,
             hist_interval: f.hist_interval,
             echo_path: f.echo_path,
-            tls: f.tls_cert.zip(f.tls_key).map(|(cert, key)| TlsFiles { cert, key }),
+            tls: f.tls_cert.zip(f.tls_key).map(|(cert, key)| TlsFiles { cert, key, flag: "tls" }),
+            api_tls: f.api_tls_cert.zip(f.api_tls_key).map(|(cert, key)| TlsFiles {
+                cert,
+                key,
+                flag: "api-tls",
+            }),
             log_format: f.log_format,
         })
     }
@@ -352,7 +426,8 @@ pub fn parse_size(raw: &str) -> Result<usize, String> {
         "" | "B" => 1,
         "KiB" | "KB" | "K" => 1024,
         "MiB" | "MB" | "M" => 1024 * 1024,
-        other => return Err(format!("unknown size unit {other:?} (use KiB or MiB)")),
+        "GiB" | "GB" | "G" => 1024 * 1024 * 1024,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)")),
     };
     n.checked_mul(mult).ok_or_else(|| format!("{raw:?} is too large"))
 }
@@ -377,7 +452,8 @@ mod tests {
         assert_eq!(parse_size("64KiB").unwrap(), 65536);
         assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
         assert_eq!(parse_size("100").unwrap(), 100);
-        assert!(parse_size("1GiB").is_err());
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert!(parse_size("1TiB").is_err());
     }
 
     #[test]
@@ -397,6 +473,30 @@ mod tests {
         let e = Config::from_flags(flags(&["--api-listen", "0.0.0.0:8081"])).unwrap_err();
         assert!(e.to_string().contains("--api-listen"));
         assert!(Config::from_flags(flags(&["--api-listen", "0.0.0.0:8081", "--api-key", "k"])).is_ok());
+    }
+
+    #[test]
+    fn regression_max_queue_64_alone_starts() {
+        // History (1024) larger than the queue used to be refused.
+        assert!(Config::from_flags(flags(&["--max-queue", "64"])).is_ok());
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_with_the_flag() {
+        let e = Config::from_flags(flags(&["--history-ttl", "99999999999h"])).unwrap_err();
+        assert!(e.to_string().contains("--history-ttl"), "{e}");
+        let e = Config::from_flags(flags(&["--ping-interval", "2h", "--idle-timeout", "3h"])).unwrap_err();
+        assert!(e.to_string().contains("--ping-interval"), "{e}");
+    }
+
+    #[test]
+    fn public_echo_needs_explicit_permission() {
+        let public = ["--listen", "0.0.0.0:0", "--allow-anonymous", "--echo-path", "/echo"];
+        let e = Config::from_flags(flags(&public)).unwrap_err();
+        assert!(e.to_string().contains("--allow-public-echo"), "{e}");
+        let mut allowed = public.to_vec();
+        allowed.push("--allow-public-echo");
+        assert!(Config::from_flags(flags(&allowed)).is_ok());
     }
 
     #[test]

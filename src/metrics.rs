@@ -55,8 +55,17 @@ pub struct ShardMetrics {
     pub frames_written: CachePadded<AtomicU64>,
     /// Commands refused because this shard's ring was full (written by producers).
     pub ring_full: CachePadded<AtomicU64>,
-    /// Event frames queued on this shard's connections right now (gauge).
+    /// Event frames queued on this shard's connections (gauge, as of the last heartbeat).
     pub queued: CachePadded<AtomicU64>,
+    /// Deepest connection queue (gauge, as of the last heartbeat).
+    pub max_queue_depth: CachePadded<AtomicU64>,
+    /// Bytes and events held in this shard's histories (gauges, as of the last heartbeat).
+    pub history_bytes: CachePadded<AtomicU64>,
+    pub history_events: CachePadded<AtomicU64>,
+    /// Held events evicted to stay within `--history-memory`.
+    pub history_evicted: CachePadded<AtomicU64>,
+    /// Publishes answered as duplicates of an accepted idempotency key.
+    pub duplicates: CachePadded<AtomicU64>,
 }
 
 impl Default for ShardMetrics {
@@ -73,6 +82,11 @@ impl Default for ShardMetrics {
             frames_written: counter(),
             ring_full: counter(),
             queued: counter(),
+            max_queue_depth: counter(),
+            history_bytes: counter(),
+            history_events: counter(),
+            history_evicted: counter(),
+            duplicates: counter(),
         }
     }
 }

@@ -80,6 +80,9 @@ pub async fn stats(shared: &Shared) -> serde_json::Value {
             "queued": snap.queued,
             "max_queue_depth": snap.max_queue_depth,
             "history_events": snap.history_events,
+            "history_bytes": snap.history_bytes,
+            "history_evicted": read(&m.history_evicted),
+            "duplicates": read(&m.duplicates),
             "published": read(&m.published),
             "delivered": read(&m.delivered),
             "shed": {"high": s_shed[0], "normal": s_shed[1], "low": s_shed[2]},
@@ -119,10 +122,14 @@ pub async fn stats(shared: &Shared) -> serde_json::Value {
     })
 }
 
-/// `GET /metrics`: Prometheus text exposition format 0.0.4.
-pub async fn prometheus(shared: &Shared) -> String {
-    let snaps = snapshots(shared).await;
-    let lat = merged_latency(shared, false).await;
+/// `GET /metrics`: Prometheus text exposition format 0.0.4, from what the
+/// shards publish (atomics and their heartbeat's histogram copy): a scrape,
+/// which needs no key, never makes a shard do work.
+pub fn prometheus(shared: &Shared) -> String {
+    let mut lat = Latency::default();
+    for h in shared.shards.iter() {
+        lat.merge(&h.latency.load());
+    }
     let mut out = String::with_capacity(4096);
     let shards = &shared.shards;
     let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
@@ -183,7 +190,31 @@ pub async fn prometheus(shared: &Shared) -> String {
         "queue_depth",
         "gauge",
         "Event frames queued on client connections.",
-        snaps.iter().map(|s| (format!("{{shard=\"{}\"}}", s.shard), s.queued as f64)).collect(),
+        per_shard(&|m| read(&m.queued)),
+    );
+    family(
+        "history_bytes",
+        "gauge",
+        "Bytes held in users' histories.",
+        per_shard(&|m| read(&m.history_bytes)),
+    );
+    family(
+        "history_events",
+        "gauge",
+        "Events held in users' histories.",
+        per_shard(&|m| read(&m.history_events)),
+    );
+    family(
+        "history_evicted_total",
+        "counter",
+        "Held events evicted to stay within --history-memory.",
+        per_shard(&|m| read(&m.history_evicted)),
+    );
+    family(
+        "duplicate_publishes_total",
+        "counter",
+        "Publishes answered as duplicates of an accepted idempotency key.",
+        per_shard(&|m| read(&m.duplicates)),
     );
     family(
         "api_errors_total",

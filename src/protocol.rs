@@ -146,6 +146,23 @@ pub enum Target {
 pub struct PublishRequest {
     pub target: Target,
     pub event: Arc<PreparedEvent>,
+    /// The idempotency key (`id`), if the publisher gave one.
+    pub id: Option<Arc<str>>,
+}
+
+/// Longest idempotency key accepted, in bytes (contract §4).
+pub const MAX_ID_LEN: usize = 128;
+
+/// Validates an idempotency key: 1–128 bytes of `[A-Za-z0-9._:@-]`.
+pub fn parse_idempotency_key(raw: &str) -> Result<Arc<str>, InvalidInput> {
+    let ok = !raw.is_empty()
+        && raw.len() <= MAX_ID_LEN
+        && raw.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'));
+    if ok {
+        Ok(Arc::from(raw))
+    } else {
+        Err(InvalidInput::new("invalid_id", "\"id\" must be 1-128 bytes of [A-Za-z0-9._:@-]"))
+    }
 }
 
 /// A validated broadcast object (a publish object without a target).
@@ -176,8 +193,14 @@ pub fn parse_publish(raw: &mut [u8], redactor: &Redactor) -> Result<PublishReque
             return Err(InvalidInput::new("missing_field", "a publish object needs \"user\" or \"users\""))
         }
     };
+    let id = match obj.get("id") {
+        None => None,
+        Some(v) => Some(parse_idempotency_key(
+            v.as_str().ok_or_else(|| InvalidInput::new("invalid_id", "\"id\" must be a string"))?,
+        )?),
+    };
     let event = prepare_event(&mut value, redactor)?;
-    Ok(PublishRequest { target, event })
+    Ok(PublishRequest { target, event, id })
 }
 
 /// Parses and validates a broadcast object.
@@ -217,13 +240,13 @@ fn parse_user_list(list: &BorrowedValue<'_>) -> Result<Vec<UserId>, InvalidInput
         ));
     }
     let mut users = Vec::with_capacity(arr.len());
+    let mut seen = std::collections::HashSet::with_capacity_and_hasher(arr.len(), ahash::RandomState::new());
     for u in arr.iter() {
         let s = u
             .as_str()
             .ok_or_else(|| InvalidInput::new("invalid_user", "\"users\" must be an array of strings"))?;
-        let id = UserId::parse(s)?;
-        if !users.contains(&id) {
-            users.push(id);
+        if seen.insert(s) {
+            users.push(UserId::parse(s)?);
         }
     }
     Ok(users)
@@ -416,6 +439,9 @@ mod tests {
             (br#"{"user":"u","event":"bad event"}"#, "invalid_event"),
             (br#"{"user":"u","users":["v"],"event":"e"}"#, "invalid_user"),
             (br#"{"users":[],"event":"e"}"#, "invalid_user"),
+            (br#"{"user":"u","event":"e","id":""}"#, "invalid_id"),
+            (br#"{"user":"u","event":"e","id":7}"#, "invalid_id"),
+            (br#"{"user":"u","event":"e","id":"a b"}"#, "invalid_id"),
         ];
         for (raw, code) in cases {
             let mut buf = raw.to_vec();

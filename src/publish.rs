@@ -5,10 +5,15 @@
 //! Admission is all-or-nothing: room is reserved on every target shard's ring
 //! before anything is pushed, so a publish that gets 503 left no trace. The
 //! only waits are for the shards' replies; nothing here blocks a shard.
+//!
+//! A batch (or a `users` list) that needs more of a shard's ring than half
+//! its capacity is applied in ring-sized steps instead ([`submit_stepwise`]),
+//! waiting for room between steps, so no publish is refused for its size
+//! alone (contract §6).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::oneshot;
 
@@ -68,12 +73,20 @@ pub enum Published {
 
 impl Published {
     pub fn to_json(&self) -> serde_json::Value {
+        let one = |d: &Delivery, user: Option<&UserId>| {
+            let mut v = serde_json::json!({"seq": d.seq, "delivered": d.delivered});
+            if let Some(u) = user {
+                v["user"] = serde_json::Value::from(u.as_str());
+            }
+            if d.duplicate {
+                v["duplicate"] = serde_json::Value::Bool(true);
+            }
+            v
+        };
         match self {
-            Published::One(d) => serde_json::json!({"seq": d.seq, "delivered": d.delivered}),
+            Published::One(d) => one(d, None),
             Published::Many(list) => serde_json::json!({
-                "results": list.iter().map(|(u, d)| serde_json::json!({
-                    "user": u.as_str(), "seq": d.seq, "delivered": d.delivered
-                })).collect::<Vec<_>>()
+                "results": list.iter().map(|(u, d)| one(d, Some(u))).collect::<Vec<_>>()
             }),
             Published::Accepted => serde_json::json!({"accepted": true}),
         }
@@ -84,7 +97,7 @@ impl Published {
     /// once per item on the publisher stream.
     pub fn write_json(&self, out: &mut String) {
         match self {
-            Published::One(d) => {
+            Published::One(d) if !d.duplicate => {
                 let _ = write!(out, "{{\"seq\":{},\"delivered\":{}}}", d.seq, d.delivered);
             }
             other => out.push_str(&other.to_json().to_string()),
@@ -107,10 +120,105 @@ pub fn parse_raw(shared: &Shared, raw: &[u8]) -> Result<PublishRequest, PublishE
     Ok(protocol::parse_publish(&mut buf, &shared.redactor)?)
 }
 
-/// Size-checks, parses and submits one raw publish object.
-pub fn submit_raw(shared: &Shared, raw: &[u8], want_reply: bool) -> Result<Pending, PublishError> {
-    let req = parse_raw(shared, raw)?;
-    submit_all(shared, vec![Ok(req)], want_reply).pop().unwrap_or(Err(PublishError::Unavailable))
+/// Commands one step may put in a shard's ring: half of it, so a step
+/// fits beside other publishers' traffic.
+fn step_size(shared: &Shared) -> usize {
+    (shared.config.ring_capacity / 2).max(1)
+}
+
+/// How long a stepwise batch waits for ring room for one step before the
+/// rest of it is answered 503 (only a shard stalled that long does this).
+const STEP_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether every shard's share of these items fits in one step.
+fn fits_in_one_step(shared: &Shared, items: &[Result<PublishRequest, PublishError>]) -> bool {
+    let mut counts = vec![0usize; shared.shards.len()];
+    for req in items.iter().flatten() {
+        match &req.target {
+            Target::One(u) => counts[shared.router.shard_for(u)] += 1,
+            Target::Many(us) => us.iter().for_each(|u| counts[shared.router.shard_for(u)] += 1),
+        }
+    }
+    counts.iter().all(|&n| n <= step_size(shared))
+}
+
+/// Submits items too large for one reservation: commands are buffered per
+/// shard and pushed a step at a time, waiting for room between steps. Every
+/// command carries a reply channel, so a step that could not be pushed is
+/// reported for its items instead of lost.
+async fn submit_stepwise(
+    shared: &Shared,
+    items: Vec<Result<PublishRequest, PublishError>>,
+) -> Vec<Result<Pending, PublishError>> {
+    let accepted = Instant::now();
+    let ts_ms = unix_ms();
+    let step = step_size(shared);
+    let deadline = tokio::time::Instant::now() + STEP_WAIT;
+    let mut buffers: Vec<Vec<Command>> = (0..shared.shards.len()).map(|_| Vec::new()).collect();
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let req = match item {
+            Ok(req) => req,
+            Err(e) => {
+                out.push(Err(e));
+                continue;
+            }
+        };
+        let many = matches!(req.target, Target::Many(_));
+        let users = match req.target {
+            Target::One(u) => vec![u],
+            Target::Many(us) => us,
+        };
+        let mut pending = Vec::with_capacity(users.len());
+        for user in users {
+            let s = shared.router.shard_for(&user);
+            let (tx, rx) = oneshot::channel();
+            buffers[s].push(Command::Publish(PublishCmd {
+                user: user.clone(),
+                event: req.event.clone(),
+                accepted,
+                ts_ms,
+                id: req.id.clone(),
+                reply: Some(tx),
+            }));
+            pending.push((user, Some(rx)));
+            if buffers[s].len() >= step {
+                push_step(shared, s, &mut buffers[s], deadline).await;
+            }
+        }
+        out.push(Ok(if many {
+            Pending::Many(pending)
+        } else {
+            Pending::One(pending.pop().and_then(|(_, rx)| rx))
+        }));
+    }
+    for (s, buf) in buffers.iter_mut().enumerate() {
+        push_step(shared, s, buf, deadline).await;
+    }
+    out
+}
+
+/// Pushes one step's commands into shard `s`, waiting for room until
+/// `deadline`; past it the commands are dropped (their replies then fail).
+async fn push_step(shared: &Shared, s: usize, buf: &mut Vec<Command>, deadline: tokio::time::Instant) {
+    if buf.is_empty() {
+        return;
+    }
+    let ring = &shared.shards[s].ring;
+    loop {
+        if let Ok(mut permit) = ring.reserve(buf.len()) {
+            for cmd in buf.drain(..) {
+                permit.push(cmd);
+            }
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            crate::metrics::bump(&shared.shards[s].metrics.ring_full, 1);
+            buf.clear();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// Submits many publishes (a batch or a stream frame) in order, with one
@@ -178,6 +286,7 @@ pub fn submit_all(
                         event: req.event.clone(),
                         accepted,
                         ts_ms,
+                        id: req.id.clone(),
                         reply: tx,
                     }));
                 }
@@ -190,20 +299,27 @@ pub fn submit_all(
     out
 }
 
-/// Parses, submits and resolves the items of a batch or a stream frame, in
-/// order, with one reservation per shard for all of them ([`submit_all`]).
-/// Without `want_reply` accepted items resolve at once to
-/// [`Published::Accepted`]. Failed items are counted in the API error counters.
+/// Parses, submits and resolves the items of a publish, a batch or a
+/// stream frame, in order, with one reservation per shard for all of them
+/// ([`submit_all`]), or in ring-sized steps when they need more than that
+/// ([`submit_stepwise`]). Without `want_reply` accepted items resolve at once
+/// to [`Published::Accepted`] (stepwise ones once applied). Failed items are
+/// counted in the API error counters.
 pub async fn publish_items(
     shared: &Shared,
     items: &[&[u8]],
     want_reply: bool,
 ) -> Vec<Result<Published, PublishError>> {
-    let parsed = items.iter().map(|raw| parse_raw(shared, raw)).collect();
+    let parsed: Vec<_> = items.iter().map(|raw| parse_raw(shared, raw)).collect();
+    let submitted = if fits_in_one_step(shared, &parsed) {
+        submit_all(shared, parsed, want_reply)
+    } else {
+        submit_stepwise(shared, parsed).await
+    };
     let mut out = Vec::with_capacity(items.len());
-    for submitted in submit_all(shared, parsed, want_reply) {
+    for submitted in submitted {
         let r = match submitted {
-            Ok(p) => resolve(p).await,
+            Ok(p) => resolve(p).await.map(|p| if want_reply { p } else { Published::Accepted }),
             Err(e) => Err(e),
         };
         if let Err(e) = &r {

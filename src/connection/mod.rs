@@ -35,7 +35,7 @@ use crate::metrics::bump;
 use crate::protocol::{self, ClientMessage, Priority, UserId};
 use crate::shard::reactor::ShardCore;
 use crate::wsframe;
-pub use queue::{Enqueued, OutQueue, Outbound};
+pub use queue::{Enqueued, Limits, OutQueue, Outbound};
 pub use transport::{HandedSocket, ReadSide, WriteSide};
 
 /// Most frames one vectored write carries (Linux IOV_MAX is 1024; 64 already
@@ -79,6 +79,11 @@ pub struct Conn {
     pub last_recv: Cell<Instant>,
     /// When the next protocol ping is due.
     pub next_ping: Cell<Instant>,
+    /// While a resume replay is being written: the next seq it writes. The
+    /// writer reads replayed events straight from the user's history, as
+    /// fast as the client reads them (outside `--max-queue` and shedding);
+    /// live events published meanwhile are read from there too, in order.
+    pub replay_next: Cell<Option<u64>>,
     reader: RefCell<Option<AbortHandle>>,
 }
 
@@ -88,7 +93,7 @@ impl Conn {
         id: String,
         user: UserId,
         echo: bool,
-        max_queue: usize,
+        limits: Limits,
         now: Instant,
         ping: Duration,
     ) -> Self {
@@ -97,11 +102,12 @@ impl Conn {
             id,
             user,
             echo,
-            queue: RefCell::new(OutQueue::new(max_queue)),
+            queue: RefCell::new(OutQueue::new(limits)),
             closing: RefCell::new(None),
             waker: RefCell::new(None),
             last_recv: Cell::new(now),
             next_ping: Cell::new(now + ping),
+            replay_next: Cell::new(None),
             reader: RefCell::new(None),
         }
     }
@@ -138,16 +144,31 @@ impl Conn {
         self.queue.borrow().depth()
     }
 
+    /// Bytes queued, control frames included.
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.borrow().bytes()
+    }
+
     /// Offers an event; the caller applies the outcome to its counters.
     pub fn push_event(&self, out: Outbound) -> Enqueued {
         if self.is_closing() {
             return Enqueued::Shed;
         }
+        if self.replay_next.get().is_some() {
+            self.wake();
+            return Enqueued::Deferred;
+        }
         let r = self.queue.borrow_mut().push_event(out);
-        if matches!(r, Enqueued::Queued | Enqueued::QueuedShedding(_)) {
+        if matches!(r, Enqueued::Queued { .. }) {
             self.wake();
         }
         r
+    }
+
+    /// Starts writing a resume replay from `seq` (after what is queued now).
+    pub fn start_replay(&self, seq: u64) {
+        self.replay_next.set(Some(seq));
+        self.wake();
     }
 
     /// Queues a control frame; a client that lets too many pile up is closed (1008).
@@ -219,7 +240,7 @@ pub async fn run_writer(core: Rc<ShardCore>, conn: Rc<Conn>, mut sock: WriteSide
     loop {
         batch.clear();
         batch.extend(greeting.take());
-        let step = std::future::poll_fn(|cx| next_step(&conn, &mut batch, cx)).await;
+        let step = std::future::poll_fn(|cx| next_step(&core, &conn, &mut batch, cx)).await;
         match step {
             Step::Write => {
                 let deadline = match &*conn.closing.borrow() {
@@ -273,15 +294,23 @@ pub async fn run_writer(core: Rc<ShardCore>, conn: Rc<Conn>, mut sock: WriteSide
     core.deregister(&conn);
 }
 
-/// Fills `batch` (which may already hold the greeting) or says how to close.
-fn next_step(conn: &Conn, batch: &mut Vec<Outbound>, cx: &mut Context<'_>) -> Poll<Step> {
+/// Fills `batch` (which may already hold the greeting) or says how to close:
+/// control frames first, then a resume replay still being written (read
+/// from the history), then queued events.
+fn next_step(core: &ShardCore, conn: &Conn, batch: &mut Vec<Outbound>, cx: &mut Context<'_>) -> Poll<Step> {
     if let Some(CloseMode::Now(frame)) = &*conn.closing.borrow() {
         // Queued frames are skipped; only the greeting still in `batch` goes first.
         return Poll::Ready(Step::Close(frame.clone()));
     }
     let mut q = conn.queue.borrow_mut();
+    if conn.replay_next.get().is_some() {
+        q.pop_control(batch, MAX_BATCH);
+        core.fill_replay(conn, batch, MAX_BATCH, MAX_BATCH_BYTES);
+    }
     if !q.is_empty() || !batch.is_empty() {
-        q.pop_batch(batch, MAX_BATCH, MAX_BATCH_BYTES);
+        if conn.replay_next.get().is_none() {
+            q.pop_batch(batch, MAX_BATCH, MAX_BATCH_BYTES);
+        }
         return Poll::Ready(Step::Write);
     }
     if let Some(CloseMode::AfterFlush(frame, _)) = &*conn.closing.borrow() {

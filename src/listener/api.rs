@@ -11,16 +11,21 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, ORIGIN, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::constant_time_eq;
 use crate::batch;
 use crate::broker::Shared;
+use crate::listener::reply::{self, Refusal};
 use crate::listener::stream;
+use crate::listener::watchdog::{Activity, Tracked};
 use crate::observe;
 use crate::protocol::{self, UserId};
 use crate::publish::{self, PublishError};
@@ -28,8 +33,44 @@ use crate::shard::Command;
 
 type Body = Full<Bytes>;
 
-/// Accepts API connections until `shutdown` fires.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+/// The API connections open at once, bounded by `--api-max-connections`.
+/// A connection holds a [`Slot`] from accept until its socket closes
+/// (a publisher stream keeps its connection's slot).
+#[derive(Clone)]
+pub struct OpenConnections {
+    slots: Arc<Semaphore>,
+    max: u32,
+}
+
+/// One open API connection's place.
+pub type Slot = Arc<OwnedSemaphorePermit>;
+
+impl OpenConnections {
+    pub fn new(max: usize) -> Self {
+        let max = u32::try_from(max).unwrap_or(u32::MAX).min(Semaphore::MAX_PERMITS as u32);
+        OpenConnections { slots: Arc::new(Semaphore::new(max as usize)), max }
+    }
+
+    fn try_open(&self) -> Option<Slot> {
+        self.slots.clone().try_acquire_owned().ok().map(Arc::new)
+    }
+
+    /// Resolves once every API connection has closed.
+    pub async fn all_closed(&self) {
+        let _ = self.slots.acquire_many(self.max).await;
+    }
+}
+
+/// Accepts API connections until `shutdown` fires. Each gets a slot (or an
+/// immediate 503), then a TLS handshake with `tls`, then HTTP/1.1 under
+/// the [`crate::listener::watchdog`]'s deadlines.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    open: OpenConnections,
+    shutdown: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -44,20 +85,78 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
             }
         };
         let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        let shutdown = shutdown.clone();
+        let Some(slot) = open.try_open() else {
+            shared.api_errors.count_status(503);
+            tokio::spawn(refuse_over_limit(stream, tls.is_some()));
+            continue;
+        };
+        let (shared, shutdown, tls) = (shared.clone(), shutdown.clone(), tls.clone());
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let shared = shared.clone();
-                let shutdown = shutdown.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(req, shared, shutdown).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .max_buf_size(1 << 20)
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades();
-            let _ = conn.await;
+            let head_deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
+            match tls {
+                None => serve_connection(stream, shared, slot, shutdown).await,
+                Some(acceptor) => {
+                    if let Ok(Ok(s)) = tokio::time::timeout_at(head_deadline, acceptor.accept(stream)).await {
+                        serve_connection(s, shared, slot, shutdown).await;
+                    }
+                }
+            }
         });
+    }
+}
+
+/// Answers a connection over `--api-max-connections`: 503 on plain HTTP,
+/// an immediate close under TLS (there is no session to answer in).
+async fn refuse_over_limit(mut stream: TcpStream, tls: bool) {
+    if tls {
+        return;
+    }
+    let r = Refusal::new(503, "too_many_connections", "the API listener is at --api-max-connections");
+    let _ = tokio::time::timeout(Duration::from_secs(1), reply::respond(&mut stream, &r)).await;
+}
+
+/// Serves HTTP/1.1 on one connection until it closes, overstays the
+/// watchdog's deadlines, or (at shutdown) has answered its request in flight.
+async fn serve_connection<I>(io: I, shared: Arc<Shared>, slot: Slot, shutdown: CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Activity::new();
+    let io = Tracked::new(io, activity.clone());
+    let svc = {
+        let (shared, shutdown, activity) = (shared.clone(), shutdown.clone(), activity.clone());
+        hyper::service::service_fn(move |req| {
+            let (shared, shutdown, slot) = (shared.clone(), shutdown.clone(), slot.clone());
+            let busy = activity.begin_request();
+            async move {
+                let resp = route(req, shared, slot, shutdown).await;
+                drop(busy);
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        })
+    };
+    let conn = hyper::server::conn::http1::Builder::new()
+        .max_buf_size(1 << 20)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let cfg = &shared.config;
+    let tick = (cfg.handshake_timeout.min(cfg.idle_timeout) / 4)
+        .clamp(Duration::from_millis(5), Duration::from_millis(500));
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            _ = &mut conn => return,
+            _ = shutdown.cancelled(), if !draining => {
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            _ = tokio::time::sleep(tick) => {
+                if activity.expired(tokio::time::Instant::now(), cfg.handshake_timeout, cfg.idle_timeout) {
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -77,7 +176,7 @@ fn json_text(status: StatusCode, body: String) -> Response<Body> {
 /// An error response in the contract's shape.
 pub fn error(status: u16, code: &str, message: &str) -> Response<Body> {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut r = json(status, &serde_json::json!({"error": {"code": code, "message": message}}));
+    let mut r = json_text(status, reply::error_body(code, message));
     if status == StatusCode::SERVICE_UNAVAILABLE {
         r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
     }
@@ -94,8 +193,23 @@ fn text(content_type: &'static str, body: String) -> Response<Body> {
     r
 }
 
-async fn route(req: Request<Incoming>, shared: Arc<Shared>, shutdown: CancellationToken) -> Response<Body> {
+async fn route(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    slot: Slot,
+    shutdown: CancellationToken,
+) -> Response<Body> {
     let path = req.uri().path().to_string();
+    if shared.config.api_key.is_none() && req.headers().contains_key(ORIGIN) {
+        // Without a key, a browser page on this machine could reach the
+        // loopback API: anything sent from a page is refused.
+        shared.api_errors.count_status(403);
+        return error(
+            403,
+            "forbidden_origin",
+            "requests from web pages (with an Origin header) need --api-key to be set",
+        );
+    }
     let needs_key = path.starts_with("/v1/") || path.starts_with("/debug/");
     if needs_key && !authorized(&req, &shared) {
         shared.api_errors.count_status(401);
@@ -105,10 +219,10 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>, shutdown: Cancellati
         (&Method::POST, "/v1/publish") => publish_one(req, &shared).await,
         (&Method::POST, "/v1/publish/batch") => publish_batch(req, &shared).await,
         (&Method::POST, "/v1/broadcast") => broadcast(req, &shared).await,
-        (&Method::GET, "/v1/stream") => stream::upgrade(req, shared.clone(), shutdown),
+        (&Method::GET, "/v1/stream") => stream::upgrade(req, shared.clone(), slot, shutdown),
         (&Method::GET, "/v1/stats") => json(StatusCode::OK, &observe::stats(&shared).await),
         (&Method::GET, "/metrics") => {
-            text("text/plain; version=0.0.4; charset=utf-8", observe::prometheus(&shared).await)
+            text("text/plain; version=0.0.4; charset=utf-8", observe::prometheus(&shared))
         }
         (&Method::GET, "/debug/histograms") => {
             let reset = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "reset=1"));
@@ -142,29 +256,28 @@ fn authorized(req: &Request<Incoming>, shared: &Shared) -> bool {
     }
 }
 
-/// Reads a body of at most `limit` bytes; `Err` is a ready 413/400 response.
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Body>> {
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+/// Reads a body of at most `limit` bytes within `--idle-timeout`; `Err` is
+/// a ready 413/408/400 response.
+async fn read_body(req: Request<Incoming>, limit: usize, within: Duration) -> Result<Bytes, Response<Body>> {
+    match tokio::time::timeout(within, Limited::new(req.into_body(), limit).collect()).await {
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             Err(error(413, "payload_too_large", &format!("body over {limit} bytes")))
         }
-        Err(_) => Err(error(400, "bad_request", "could not read the request body")),
+        Ok(Err(_)) => Err(error(400, "bad_request", "could not read the request body")),
+        Err(_) => Err(error(408, "request_timeout", "the request body took too long")),
     }
 }
 
 async fn publish_one(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
-    let body = match read_body(req, shared.config.max_payload).await {
+    let body = match read_body(req, shared.config.max_payload, shared.config.idle_timeout).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    let pending = match publish::submit_raw(shared, &body, true) {
-        Ok(p) => p,
-        Err(e) => return publish_error(&e),
-    };
-    match publish::resolve(pending).await {
-        Ok(p) => json(StatusCode::OK, &p.to_json()),
-        Err(e) => publish_error(&e),
+    match publish::publish_items(shared, &[&body], true).await.pop() {
+        Some(Ok(p)) => json(StatusCode::OK, &p.to_json()),
+        Some(Err(e)) => publish_error(&e),
+        None => publish_error(&PublishError::Unavailable),
     }
 }
 
@@ -174,7 +287,7 @@ fn batch_limit(shared: &Shared) -> usize {
 }
 
 async fn publish_batch(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
-    let body = match read_body(req, batch_limit(shared)).await {
+    let body = match read_body(req, batch_limit(shared), shared.config.idle_timeout).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -191,7 +304,7 @@ async fn publish_batch(req: Request<Incoming>, shared: &Shared) -> Response<Body
 }
 
 async fn broadcast(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
-    let body = match read_body(req, shared.config.max_payload).await {
+    let body = match read_body(req, shared.config.max_payload, shared.config.idle_timeout).await {
         Ok(b) => b,
         Err(r) => return r,
     };

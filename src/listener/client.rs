@@ -13,7 +13,7 @@ use std::time::Duration;
 use base64::Engine;
 use bytes::Bytes;
 use sha1::{Digest, Sha1};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -21,26 +21,13 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{AuthError, Credentials};
 use crate::broker::Shared;
 use crate::connection::transport::{HandedSocket, Socket, TlsStream};
+use crate::listener::reply::{respond, write_response, Refusal};
 use crate::shard::{AttachCmd, Command, Peer, Resume};
 
 /// Largest request head accepted; larger gets 431.
 pub const MAX_HEAD: usize = 8192;
 const MAX_HEADERS: usize = 32;
 const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
-
-/// A refusal: status line, machine code, message.
-#[derive(Debug)]
-pub struct Refusal {
-    pub status: u16,
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl Refusal {
-    fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
-        Refusal { status, code, message: message.into() }
-    }
-}
 
 /// What a parsed request asks for.
 #[derive(Debug)]
@@ -428,51 +415,6 @@ fn hand_over<S: ClientStream>(
             Err(Some((stream, Refusal::new(503, "overloaded", "shard is busy; retry shortly"))))
         }
     }
-}
-
-async fn respond<S: AsyncWrite + Unpin>(stream: &mut S, r: &Refusal) {
-    let body = serde_json::json!({"error": {"code": r.code, "message": r.message}}).to_string();
-    let extra: &[(&str, &str)] = if r.status == 503 { &[("Retry-After", "1")] } else { &[] };
-    let _ = write_response(stream, r.status, reason(r.status), extra, body.as_bytes()).await;
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        426 => "Upgrade Required",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "Error",
-    }
-}
-
-async fn write_response<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    status: u16,
-    reason: &str,
-    extra: &[(&str, &str)],
-    body: &[u8],
-) -> std::io::Result<()> {
-    let mut head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
-    for (k, v) in extra {
-        head.push_str(k);
-        head.push_str(": ");
-        head.push_str(v);
-        head.push_str("\r\n");
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]

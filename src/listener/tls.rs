@@ -1,4 +1,5 @@
-//! TLS for the client listener: turns `--tls-cert` / `--tls-key` into a
+//! TLS for both listeners: turns `--tls-cert` / `--tls-key` (or the
+//! `--api-tls-*` pair) into a
 //! rustls acceptor at start-up (ring crypto, TLS 1.2 and 1.3, no client
 //! certificates). The handshake itself runs in the client listener; the
 //! session then travels to the shard with the socket
@@ -17,17 +18,18 @@ use crate::config::TlsFiles;
 /// Why the TLS files could not be used.
 #[derive(Debug, Error)]
 pub enum TlsError {
-    #[error("--tls-cert {path}: {reason}")]
-    Cert { path: String, reason: String },
-    #[error("--tls-key {path}: {reason}")]
-    Key { path: String, reason: String },
-    #[error("--tls-cert/--tls-key do not make a usable TLS configuration: {0}")]
-    Config(#[from] rustls::Error),
+    #[error("--{flag}-cert {path}: {reason}")]
+    Cert { flag: &'static str, path: String, reason: String },
+    #[error("--{flag}-key {path}: {reason}")]
+    Key { flag: &'static str, path: String, reason: String },
+    #[error("--{flag}-cert/--{flag}-key do not make a usable TLS configuration: {source}")]
+    Config { flag: &'static str, source: rustls::Error },
 }
 
 /// Loads the PEM files and builds the acceptor.
 pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
-    let cert_err = |reason: String| TlsError::Cert { path: files.cert.display().to_string(), reason };
+    let flag = files.flag;
+    let cert_err = |reason: String| TlsError::Cert { flag, path: files.cert.display().to_string(), reason };
     let certs = CertificateDer::pem_file_iter(&files.cert)
         .map_err(|e| cert_err(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
@@ -35,13 +37,19 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
     if certs.is_empty() {
         return Err(cert_err("no CERTIFICATE block found".into()));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| TlsError::Key { path: files.key.display().to_string(), reason: e.to_string() })?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| TlsError::Key {
+        flag,
+        path: files.key.display().to_string(),
+        reason: e.to_string(),
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config_err = |source| TlsError::Config { flag, source };
     let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
+        .with_safe_default_protocol_versions()
+        .map_err(config_err)?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_single_cert(certs, key)
+        .map_err(config_err)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -1,10 +1,15 @@
 //! A user's event history: the last `--history-size` encoded event frames,
-//! each kept at most `--history-ttl`, for resume.
+//! at most `--history-bytes` of them, each kept at most `--history-ttl`, for
+//! resume.
 //!
 //! Frames are the same refcounted buffers the connections were sent, so a
-//! held event costs one `Bytes` handle plus its share of the buffer.
-//! Worst case per user: `history_size × (max_payload + ~200 B)`; per shard:
-//! that times the shard's users (bounded in practice by the TTL sweep).
+//! held event costs one `Bytes` handle plus its share of the buffer. The
+//! byte count of a held event is its frame plus the bookkeeping around it
+//! ([`HELD_OVERHEAD`]); the shard sums these into its share of
+//! `--history-memory` ([`super::budget`]).
+//!
+//! Invariant: held seqs are contiguous (appended in order, dropped only from
+//! the front), which is what makes [`History::plan_replay`] O(1).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -12,6 +17,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::protocol::Priority;
+
+/// Bytes a held event costs beyond its frame: the `Held` slot itself plus
+/// the shard's eviction-order entry and the buffer's refcount header.
+pub const HELD_OVERHEAD: usize = std::mem::size_of::<Held>() + 64;
 
 /// One held event.
 #[derive(Debug, Clone)]
@@ -22,19 +31,35 @@ pub struct Held {
     pub at: Instant,
 }
 
+impl Held {
+    /// What this event counts against the byte limits.
+    pub fn cost(&self) -> usize {
+        self.frame.len() + HELD_OVERHEAD
+    }
+}
+
 /// Outcome of a resume request against the history.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Replay {
-    /// Every event after `since` is held: replay these (possibly none).
-    Complete(Vec<usize>),
+    /// Every event after `since` is held: replay from this seq (if it is
+    /// above the latest, there is nothing to replay).
+    From(u64),
     /// Some event after `since` has left the history (or `since` is ahead of
     /// the user's seq): nothing is replayed.
     Impossible,
 }
 
+/// The per-user limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub events: usize,
+    pub bytes: usize,
+}
+
 #[derive(Debug, Default)]
 pub struct History {
     events: VecDeque<Held>,
+    bytes: usize,
 }
 
 impl History {
@@ -46,25 +71,50 @@ impl History {
         self.events.is_empty()
     }
 
-    /// Appends an event, dropping the oldest beyond `cap`.
-    pub fn push(&mut self, held: Held, cap: usize) {
-        if cap == 0 {
+    /// Bytes held (frames plus overhead).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Seq of the oldest held event.
+    pub fn first_seq(&self) -> Option<u64> {
+        self.events.front().map(|h| h.seq)
+    }
+
+    /// Appends an event, dropping the oldest beyond the limits. An event
+    /// larger than the byte limit on its own is not held at all.
+    pub fn push(&mut self, held: Held, limits: Limits) {
+        let cost = held.cost();
+        if limits.events == 0 || cost > limits.bytes {
+            self.clear();
             return;
         }
-        while self.events.len() >= cap {
-            self.events.pop_front();
+        while self.events.len() >= limits.events || self.bytes + cost > limits.bytes {
+            if self.pop_front().is_none() {
+                break;
+            }
         }
+        self.bytes += cost;
         self.events.push_back(held);
+    }
+
+    /// Drops the oldest event.
+    pub fn pop_front(&mut self) -> Option<Held> {
+        let h = self.events.pop_front()?;
+        self.bytes -= h.cost();
+        Some(h)
+    }
+
+    /// Drops everything (a held event can no longer be kept contiguous).
+    pub fn clear(&mut self) {
+        self.events.clear();
+        self.bytes = 0;
     }
 
     /// Drops events older than `ttl`.
     pub fn expire(&mut self, now: Instant, ttl: Duration) {
-        while let Some(front) = self.events.front() {
-            if now.duration_since(front.at) >= ttl {
-                self.events.pop_front();
-            } else {
-                break;
-            }
+        while self.events.front().is_some_and(|f| now.duration_since(f.at) >= ttl) {
+            self.pop_front();
         }
     }
 
@@ -74,21 +124,21 @@ impl History {
             return Replay::Impossible;
         }
         if since == latest {
-            return Replay::Complete(Vec::new());
+            return Replay::From(latest + 1);
         }
-        // Held seqs are contiguous (appended in order, dropped from the front),
-        // so the replay is complete iff the oldest held seq is <= since + 1.
+        // Held seqs are contiguous, so the replay is complete iff the oldest
+        // held seq is <= since + 1.
         match self.events.front() {
-            Some(front) if front.seq <= since + 1 => {
-                let start = (since + 1 - front.seq) as usize;
-                Replay::Complete((start..self.events.len()).collect())
-            }
+            Some(front) if front.seq <= since + 1 => Replay::From(since + 1),
             _ => Replay::Impossible,
         }
     }
 
-    pub fn get(&self, idx: usize) -> Option<&Held> {
-        self.events.get(idx)
+    /// The held event with this seq, if any.
+    pub fn get_seq(&self, seq: u64) -> Option<&Held> {
+        let front = self.events.front()?.seq;
+        let idx = seq.checked_sub(front)?;
+        self.events.get(usize::try_from(idx).ok()?)
     }
 }
 
@@ -100,31 +150,58 @@ mod tests {
         Held { seq, frame: Bytes::new(), priority: Priority::Normal, at }
     }
 
+    const ROOMY: usize = usize::MAX / 2;
+
     #[test]
     fn replay_plans() {
         let now = Instant::now();
         let mut h = History::default();
         for s in 1..=10 {
-            h.push(held(s, now), 4);
+            h.push(held(s, now), Limits { events: 4, bytes: ROOMY });
         }
         assert_eq!(h.len(), 4); // holds 7..=10
-        assert_eq!(h.plan_replay(6, 10), Replay::Complete(vec![0, 1, 2, 3]));
-        assert_eq!(h.plan_replay(8, 10), Replay::Complete(vec![2, 3]));
-        assert_eq!(h.plan_replay(10, 10), Replay::Complete(vec![]));
+        assert_eq!(h.plan_replay(6, 10), Replay::From(7));
+        assert_eq!(h.plan_replay(8, 10), Replay::From(9));
+        assert_eq!(h.plan_replay(10, 10), Replay::From(11));
         assert_eq!(h.plan_replay(5, 10), Replay::Impossible);
         assert_eq!(h.plan_replay(11, 10), Replay::Impossible);
-        assert_eq!(History::default().plan_replay(0, 0), Replay::Complete(vec![]));
+        assert_eq!(History::default().plan_replay(0, 0), Replay::From(1));
+        assert_eq!(h.get_seq(7).map(|e| e.seq), Some(7));
+        assert!(h.get_seq(6).is_none());
+        assert!(h.get_seq(11).is_none());
+    }
+
+    #[test]
+    fn byte_limit_drops_oldest_and_counts_exactly() {
+        let now = Instant::now();
+        let mut h = History::default();
+        let ev = |seq| Held { seq, frame: Bytes::from(vec![0u8; 100]), priority: Priority::Low, at: now };
+        let limits = Limits { events: 1000, bytes: 3 * (100 + HELD_OVERHEAD) };
+        for s in 1..=10 {
+            h.push(ev(s), limits);
+        }
+        assert_eq!(h.len(), 3);
+        assert_eq!(h.first_seq(), Some(8));
+        assert_eq!(h.bytes(), 3 * (100 + HELD_OVERHEAD));
+        // An event over the byte limit on its own empties the history
+        // (keeping older ones would leave a hole before the latest seq).
+        h.push(
+            Held { seq: 11, frame: Bytes::from(vec![0u8; 10_000]), priority: Priority::Low, at: now },
+            limits,
+        );
+        assert!(h.is_empty());
+        assert_eq!(h.bytes(), 0);
     }
 
     #[test]
     fn ttl_expiry_makes_old_resumes_impossible() {
         let t0 = Instant::now();
         let mut h = History::default();
-        h.push(held(1, t0), 8);
-        h.push(held(2, t0 + Duration::from_secs(10)), 8);
+        h.push(held(1, t0), Limits { events: 8, bytes: ROOMY });
+        h.push(held(2, t0 + Duration::from_secs(10)), Limits { events: 8, bytes: ROOMY });
         h.expire(t0 + Duration::from_secs(5), Duration::from_secs(5));
         assert_eq!(h.len(), 1);
         assert_eq!(h.plan_replay(0, 2), Replay::Impossible);
-        assert_eq!(h.plan_replay(1, 2), Replay::Complete(vec![0]));
+        assert_eq!(h.plan_replay(1, 2), Replay::From(2));
     }
 }

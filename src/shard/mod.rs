@@ -4,15 +4,20 @@
 //! its users' sequence counters, histories and connections (a slab); nothing it
 //! owns is touched by another thread. Everyone else talks to a shard only by
 //! pushing a [`Command`] into its [`Ring`]. Submodules: `ring` (the inbox),
-//! `reactor` (the loop that applies commands), `history` (per-user resume buffer).
+//! `reactor` (the loop that applies commands), `history` (per-user resume
+//! buffer), `budget` (the shard's share of `--history-memory`),
+//! `idempotency` (per-user publish keys).
 
+pub mod budget;
 pub mod history;
+pub mod idempotency;
 pub mod reactor;
 pub mod ring;
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
@@ -27,6 +32,9 @@ pub struct Delivery {
     pub seq: u64,
     /// Live connections the event was queued to.
     pub delivered: u32,
+    /// The publish's `id` was already accepted: `seq` is the first one's,
+    /// and nothing was published.
+    pub duplicate: bool,
 }
 
 /// One event for one user.
@@ -37,6 +45,8 @@ pub struct PublishCmd {
     pub accepted: Instant,
     /// Publish time, unix ms (the frame's `ts`).
     pub ts_ms: u64,
+    /// Idempotency key.
+    pub id: Option<Arc<str>>,
     pub reply: Option<oneshot::Sender<Delivery>>,
 }
 
@@ -80,6 +90,7 @@ pub struct UserInfo {
     pub connections: usize,
     pub seq: u64,
     pub history: usize,
+    pub history_bytes: usize,
     pub epoch: String,
     /// Event frames queued on each of the user's connections.
     pub queued: Vec<usize>,
@@ -94,10 +105,16 @@ pub struct ShardSnapshot {
     pub queued: usize,
     pub max_queue_depth: usize,
     pub history_events: usize,
+    pub history_bytes: usize,
 }
 
 /// Everything a shard can be asked to do.
 pub enum Command {
+    /// Stop: everything pushed before this has been applied; drain the
+    /// connections (flush, close 1001) until `deadline`.
+    Shutdown {
+        deadline: Instant,
+    },
     Publish(PublishCmd),
     Broadcast {
         event: Arc<PreparedEvent>,
@@ -128,11 +145,19 @@ pub struct ShardHandle {
     pub id: usize,
     pub ring: Ring<Command>,
     pub metrics: ShardMetrics,
+    /// The shard's latency histograms as of its last heartbeat, for
+    /// `/metrics` (read without asking the shard).
+    pub latency: ArcSwap<Latency>,
 }
 
 impl ShardHandle {
     pub fn new(id: usize, ring_capacity: usize) -> Self {
-        ShardHandle { id, ring: Ring::new(ring_capacity), metrics: ShardMetrics::default() }
+        ShardHandle {
+            id,
+            ring: Ring::new(ring_capacity),
+            metrics: ShardMetrics::default(),
+            latency: ArcSwap::from_pointee(Latency::default()),
+        }
     }
 
     /// Reserves room for `n` commands, counting a refusal in `ring_full`.

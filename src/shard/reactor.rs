@@ -9,6 +9,15 @@
 //! keeps a user's events in order and makes resume gap-free: an attach is
 //! applied between two publishes, never during one.
 //!
+//! History is bounded three ways: per user by `--history-size` and
+//! `--history-bytes` ([`History`]), and per shard by its share of
+//! `--history-memory` ([`Budget`]), past which the shard's oldest events are
+//! evicted first, whoever holds them.
+//!
+//! Shutdown reaches the shard as a ring command ([`Command::Shutdown`]),
+//! behind every command pushed before it, so everything accepted is applied
+//! before the connections drain; the hot loop polls no shared token.
+//!
 //! Everything here is `!Send` and lives on the shard thread; `RefCell`
 //! borrows never span an `.await`.
 
@@ -19,13 +28,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
-use tokio_util::sync::CancellationToken;
 
 use crate::broker::Shared;
 use crate::connection::{self, Conn, Enqueued, Outbound};
 use crate::metrics::{bump, Latency};
-use crate::protocol::{self, PreparedEvent, UserId, Welcome};
-use crate::shard::history::{Held, History, Replay};
+use crate::protocol::{self, PreparedEvent, Priority, UserId, Welcome};
+use crate::shard::budget::{Budget, Stored};
+use crate::shard::history::{self, Held, History, Replay};
+use crate::shard::idempotency::Keys;
 use crate::shard::{
     AttachCmd, BroadcastOutcome, Command, Delivery, Peer, PublishCmd, Resume, ShardHandle, ShardSnapshot,
     UserInfo,
@@ -41,7 +51,11 @@ struct UserState {
     seq: u64,
     /// Changes whenever this user's history is lost (new state = new epoch).
     epoch: Rc<str>,
+    /// Tells this state of the user from an earlier one in eviction entries.
+    incarnation: u64,
     history: History,
+    /// Idempotency keys accepted for this user.
+    keys: Keys,
     /// Slab keys of live connections, oldest first.
     conns: Vec<usize>,
     /// Last publish or disconnect; an idle user is swept `history_ttl` after it.
@@ -58,19 +72,22 @@ pub struct ShardCore {
     next_conn: Cell<u64>,
     incarnation: Cell<u64>,
     draining: Cell<bool>,
+    /// This shard's share of `--history-memory`.
+    budget: RefCell<Budget>,
 }
 
 impl ShardCore {
     fn new(id: usize, shared: Arc<Shared>) -> Self {
         ShardCore {
             id,
-            shared,
             users: RefCell::new(HashMap::default()),
             conns: RefCell::new(Slab::new()),
             latency: RefCell::new(Latency::default()),
             next_conn: Cell::new(0),
             incarnation: Cell::new(0),
             draining: Cell::new(false),
+            budget: RefCell::new(Budget::new(shared.config.history_memory / shared.config.shards.max(1))),
+            shared,
         }
     }
 
@@ -85,14 +102,18 @@ impl ShardCore {
         UserState {
             seq: 0,
             epoch: format!("{}{}.{}", self.shared.boot, self.id, radix36(n)).into(),
+            incarnation: n,
             history: History::default(),
+            keys: Keys::default(),
             conns: Vec::new(),
             touched: now,
         }
     }
 
-    fn apply(self: &Rc<Self>, cmd: Command) {
+    /// Applies one command; `Some(deadline)` when it was the shutdown.
+    fn apply(self: &Rc<Self>, cmd: Command) -> Option<Instant> {
         match cmd {
+            Command::Shutdown { deadline } => return Some(deadline),
             Command::Publish(p) => self.publish(p),
             Command::Broadcast { event, accepted, ts_ms, reply } => {
                 let _ = reply.send(self.broadcast(&event, accepted, ts_ms));
@@ -116,22 +137,98 @@ impl ShardCore {
                 let _ = reply.send(snap);
             }
         }
+        None
     }
 
     fn publish(&self, p: PublishCmd) {
         let now = Instant::now();
         let mut users = self.users.borrow_mut();
-        let user = users.entry(p.user).or_insert_with(|| self.new_user(now));
-        let delivered = self.deliver(user, &p.event, p.accepted, p.ts_ms, now);
-        if let Some(reply) = p.reply {
-            let _ = reply.send(Delivery { seq: user.seq, delivered });
+        let user = users.entry(p.user.clone()).or_insert_with(|| self.new_user(now));
+        if let Some(id) = &p.id {
+            user.keys.expire(now, self.shared.config.history_ttl);
+            if let Some(seq) = user.keys.get(id) {
+                bump(&self.handle().metrics.duplicates, 1);
+                if let Some(reply) = p.reply {
+                    let _ = reply.send(Delivery { seq, delivered: 0, duplicate: true });
+                }
+                return;
+            }
         }
+        let delivered = self.deliver(&p.user, user, &p.event, p.accepted, p.ts_ms, now);
+        if let Some(id) = p.id {
+            user.keys.insert(id, user.seq, now);
+        }
+        if let Some(reply) = p.reply {
+            let _ = reply.send(Delivery { seq: user.seq, delivered, duplicate: false });
+        }
+        drop(users);
+        self.enforce_budget();
+    }
+
+    /// Evicts the shard's oldest held events while its histories are over
+    /// their share of `--history-memory`.
+    fn enforce_budget(&self) {
+        let mut budget = self.budget.borrow_mut();
+        let mut users = self.users.borrow_mut();
+        while budget.over() {
+            let Some(s) = budget.pop_oldest() else { break };
+            let Some(u) = users.get_mut(&s.user) else { continue };
+            if u.incarnation == s.incarnation && u.history.first_seq() == Some(s.seq) {
+                let before = (u.history.bytes(), u.history.len());
+                u.history.pop_front();
+                budget.adjust(before, (u.history.bytes(), u.history.len()));
+                bump(&self.handle().metrics.history_evicted, 1);
+            }
+        }
+        budget.compact(|s| {
+            users.get(&s.user).is_some_and(|u| {
+                u.incarnation == s.incarnation && u.history.first_seq().is_some_and(|f| f <= s.seq)
+            })
+        });
+    }
+
+    /// Runs `f` on a user's history and applies the change to the budget.
+    fn with_history<R>(&self, user: &mut UserState, f: impl FnOnce(&mut History) -> R) -> R {
+        let before = (user.history.bytes(), user.history.len());
+        let r = f(&mut user.history);
+        self.budget.borrow_mut().adjust(before, (user.history.bytes(), user.history.len()));
+        r
+    }
+
+    /// Moves held events of a replay still being written into `batch`,
+    /// as many as fit; ends the replay once it has reached the user's seq.
+    /// A replay overtaken by the history's eviction skips the lost events
+    /// (a seq gap, counted as shed, as a slow consumer's queue would).
+    pub fn fill_replay(&self, conn: &Conn, batch: &mut Vec<Outbound>, max_frames: usize, max_bytes: usize) {
+        let Some(mut next) = conn.replay_next.get() else { return };
+        let users = self.users.borrow();
+        let Some(u) = users.get(&conn.user) else {
+            conn.replay_next.set(None);
+            return;
+        };
+        let first = u.history.first_seq().unwrap_or(u.seq + 1);
+        if next < first {
+            bump(&self.handle().metrics.shed[Priority::Normal.index()], first - next);
+            next = first;
+        }
+        let mut bytes: usize = batch.iter().map(|o| o.frame.len()).sum();
+        while next <= u.seq && batch.len() < max_frames && bytes < max_bytes {
+            let Some(h) = u.history.get_seq(next) else {
+                next = u.seq + 1; // cannot happen: held seqs are contiguous up to the latest
+                break;
+            };
+            bytes += h.frame.len();
+            batch.push(Outbound { frame: h.frame.clone(), accepted: None, priority: h.priority });
+            next += 1;
+        }
+        conn.replay_next.set((next <= u.seq).then_some(next));
     }
 
     /// Assigns the next seq, stores and fans out one event. Returns the number
     /// of connections it was queued to.
     fn deliver(
         &self,
+        user_id: &UserId,
         user: &mut UserState,
         ev: &PreparedEvent,
         accepted: Instant,
@@ -143,10 +240,13 @@ impl ShardCore {
         user.seq += 1;
         user.touched = now;
         let frame = protocol::encode_event_frame(user.seq, ev, ts_ms);
-        user.history.push(
-            Held { seq: user.seq, frame: frame.clone(), priority: ev.priority, at: now },
-            cfg.history_size,
-        );
+        let held = Held { seq: user.seq, frame: frame.clone(), priority: ev.priority, at: now };
+        let limits = history::Limits { events: cfg.history_size, bytes: cfg.history_bytes };
+        self.with_history(user, |h| h.push(held, limits));
+        if user.history.first_seq().is_some() {
+            let stored = Stored { user: user_id.clone(), incarnation: user.incarnation, seq: user.seq };
+            self.budget.borrow_mut().stored(stored);
+        }
         bump(&m.published, 1);
         let conns = self.conns.borrow();
         let mut delivered = 0;
@@ -154,11 +254,15 @@ impl ShardCore {
             let Some(conn) = conns.get(key) else { continue };
             let out = Outbound { frame: frame.clone(), accepted: Some(accepted), priority: ev.priority };
             match conn.push_event(out) {
-                Enqueued::Queued => delivered += 1,
-                Enqueued::QueuedShedding(victim) => {
+                Enqueued::Queued { shed } => {
                     delivered += 1;
-                    bump(&m.shed[victim.index()], 1);
+                    for (counter, n) in m.shed.iter().zip(shed) {
+                        if n > 0 {
+                            bump(counter, n as u64);
+                        }
+                    }
                 }
+                Enqueued::Deferred => delivered += 1,
                 Enqueued::Shed => bump(&m.shed[ev.priority.index()], 1),
                 Enqueued::Overflow => {
                     bump(&m.shed[ev.priority.index()], 1);
@@ -174,10 +278,12 @@ impl ShardCore {
         let now = Instant::now();
         let mut users = self.users.borrow_mut();
         let mut out = BroadcastOutcome::default();
-        for user in users.values_mut().filter(|u| !u.conns.is_empty()) {
+        for (id, user) in users.iter_mut().filter(|(_, u)| !u.conns.is_empty()) {
             out.users += 1;
-            out.delivered += self.deliver(user, ev, accepted, ts_ms, now) as u64;
+            out.delivered += self.deliver(id, user, ev, accepted, ts_ms, now) as u64;
         }
+        drop(users);
+        self.enforce_budget();
         out
     }
 
@@ -211,8 +317,17 @@ impl ShardCore {
         let id = format!("c{}.{}", self.id, radix36(n));
         let mut conns = self.conns.borrow_mut();
         let entry = conns.vacant_entry();
-        let conn =
-            Rc::new(Conn::new(entry.key(), id, user, echo, cfg.max_queue, Instant::now(), cfg.ping_interval));
+        let limits = connection::Limits {
+            max_frames: cfg.max_queue,
+            max_bytes: cfg.max_queue_bytes,
+            // An echo connection queues whole echoed messages as control frames.
+            control_bytes: if echo {
+                cfg.max_queue_bytes.max(2 * connection::MAX_ECHO_MESSAGE + 1024)
+            } else {
+                cfg.max_queue_bytes
+            },
+        };
+        let conn = Rc::new(Conn::new(entry.key(), id, user, echo, limits, Instant::now(), cfg.ping_interval));
         entry.insert(conn.clone());
         bump(&self.handle().metrics.connections, 1);
         conn
@@ -225,7 +340,7 @@ impl ShardCore {
         let now = Instant::now();
         let mut users = self.users.borrow_mut();
         let user = users.entry(user_id.clone()).or_insert_with(|| self.new_user(now));
-        user.history.expire(now, cfg.history_ttl);
+        self.with_history(user, |h| h.expire(now, cfg.history_ttl));
 
         // Per-user limit: evict the oldest connections (4001).
         while user.conns.len() >= cfg.max_conns_per_user {
@@ -236,12 +351,12 @@ impl ShardCore {
             }
         }
 
-        let (recovered, replay) = match &resume {
-            None => (None, Vec::new()),
-            Some(r) if r.epoch.as_deref().is_some_and(|e| e != &*user.epoch) => (Some(false), Vec::new()),
+        let (recovered, replay_from) = match &resume {
+            None => (None, None),
+            Some(r) if r.epoch.as_deref().is_some_and(|e| e != &*user.epoch) => (Some(false), None),
             Some(r) => match user.history.plan_replay(r.since, user.seq) {
-                Replay::Complete(idx) => (Some(true), idx),
-                Replay::Impossible => (Some(false), Vec::new()),
+                Replay::From(seq) => (Some(true), (seq <= user.seq).then_some(seq)),
+                Replay::Impossible => (Some(false), None),
             },
         };
 
@@ -255,11 +370,8 @@ impl ShardCore {
             recovered,
             ping_ms: cfg.ping_interval.as_millis() as u64,
         }));
-        for idx in replay {
-            if let Some(h) = user.history.get(idx) {
-                // history_size <= max_queue (validated), so a replay always fits.
-                conn.push_event(Outbound { frame: h.frame.clone(), accepted: None, priority: h.priority });
-            }
+        if let Some(seq) = replay_from {
+            conn.start_replay(seq);
         }
         conn
     }
@@ -288,6 +400,7 @@ impl ShardCore {
             connections: u.conns.len(),
             seq: u.seq,
             history: u.history.len(),
+            history_bytes: u.history.bytes(),
             epoch: u.epoch.to_string(),
             queued: u.conns.iter().filter_map(|k| conns.get(*k)).map(|c| c.depth()).collect(),
         })
@@ -317,15 +430,22 @@ impl ShardCore {
             users: users.len(),
             queued,
             max_queue_depth,
-            history_events: users.values().map(|u| u.history.len()).sum(),
+            history_events: self.budget.borrow().events(),
+            history_bytes: self.budget.borrow().held(),
         }
     }
 
-    /// Pings connections that are due and closes the idle ones (4002).
+    /// Pings connections that are due and closes the idle ones (4002);
+    /// publishes the shard's gauges on the way (one walk serves both, so
+    /// `/metrics` never makes a shard walk its connections).
     fn heartbeat(&self, now: Instant) {
         let cfg = &self.shared.config;
         let ping = crate::wsframe::frame(crate::wsframe::OP_PING, b"");
+        let (mut queued, mut max_depth) = (0, 0);
         for (_, conn) in self.conns.borrow().iter() {
+            let depth = conn.depth();
+            queued += depth;
+            max_depth = max_depth.max(depth);
             if conn.is_closing() {
                 continue;
             }
@@ -336,6 +456,20 @@ impl ShardCore {
                 conn.push_control(ping.clone());
             }
         }
+        self.publish_gauges(queued, max_depth);
+    }
+
+    /// Stores the gauges and a copy of the latency histograms where
+    /// `/metrics` reads them without asking the shard.
+    fn publish_gauges(&self, queued: usize, max_depth: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = &self.handle().metrics;
+        let budget = self.budget.borrow();
+        m.queued.store(queued as u64, Relaxed);
+        m.max_queue_depth.store(max_depth as u64, Relaxed);
+        m.history_bytes.store(budget.held() as u64, Relaxed);
+        m.history_events.store(budget.events() as u64, Relaxed);
+        self.handle().latency.store(Arc::new(self.latency.borrow().clone()));
     }
 
     /// Expires history and forgets users with no connection and nothing
@@ -344,9 +478,15 @@ impl ShardCore {
         let ttl = self.shared.config.history_ttl;
         let mut users = self.users.borrow_mut();
         let before = users.len();
+        let mut budget = self.budget.borrow_mut();
         users.retain(|_, u| {
+            let before = (u.history.bytes(), u.history.len());
             u.history.expire(now, ttl);
-            !(u.conns.is_empty() && now.duration_since(u.touched) >= ttl)
+            u.keys.expire(now, ttl);
+            let keep = !(u.conns.is_empty() && now.duration_since(u.touched) >= ttl);
+            let after = if keep { (u.history.bytes(), u.history.len()) } else { (0, 0) };
+            budget.adjust(before, after);
+            keep
         });
         let gone = (before - users.len()) as u64;
         if gone > 0 {
@@ -385,20 +525,23 @@ fn radix36(mut n: u64) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// Runs shard `id` on the current thread until `shutdown` fires and its
-/// connections have drained.
-pub fn run(id: usize, shared: Arc<Shared>, shutdown: CancellationToken) -> std::io::Result<Latency> {
+/// Runs shard `id` on the current thread until a [`Command::Shutdown`]
+/// arrives and its connections have drained.
+pub fn run(id: usize, shared: Arc<Shared>) -> std::io::Result<Latency> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
     let latency = local.block_on(&rt, async move {
         let core = Rc::new(ShardCore::new(id, shared));
         tokio::task::spawn_local(housekeeping(core.clone()));
-        drain_ring(&core, &shutdown).await;
-        let deadline = Instant::now() + core.shared.config.drain_timeout;
+        let deadline = drain_ring(&core).await;
         core.begin_drain(deadline);
         // Listeners are closed: wait for connections to flush and close,
         // bounded by the deadline (a stalled client cannot hold shutdown).
+        // Late commands are still applied, so nobody waits on a dropped reply.
         while core.connection_count() > 0 && Instant::now() < deadline {
+            while let Some(cmd) = core.handle().ring.pop() {
+                core.apply(cmd);
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         core.latency.take()
@@ -406,19 +549,17 @@ pub fn run(id: usize, shared: Arc<Shared>, shutdown: CancellationToken) -> std::
     Ok(latency)
 }
 
-/// Applies commands until shutdown.
-async fn drain_ring(core: &Rc<ShardCore>, shutdown: &CancellationToken) {
+/// Applies commands until the shutdown command; returns its drain deadline.
+async fn drain_ring(core: &Rc<ShardCore>) -> Instant {
     let ring = &core.handle().ring;
     let pass = (core.shared.config.max_queue / 2).clamp(1, MAX_PASS);
     loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            _ = std::future::poll_fn(|cx| ring.poll_ready(cx)) => {}
-        }
+        std::future::poll_fn(|cx| ring.poll_ready(cx)).await;
         let mut n = 0;
         while let Some(cmd) = ring.pop() {
-            core.apply(cmd);
+            if let Some(deadline) = core.apply(cmd) {
+                return deadline;
+            }
             n += 1;
             if n == pass {
                 break;

@@ -249,6 +249,7 @@ async fn a_stalled_client_hurts_no_one_and_is_bounded() {
 async fn high_overtakes_queued_normal() {
     let b = TestBroker::with(|c| {
         c.max_queue = 4096;
+        c.max_queue_bytes = 64 << 20;
         c.history_size = 16;
     });
     let (mut ws, _) = b.connect("lanes").await;

@@ -15,7 +15,9 @@ fn bad_flag_values_exit_2_naming_the_flag() {
         (vec!["--max-payload", "12GiB"], "--max-payload"),
         (vec!["--listen", "nowhere"], "--listen"),
         (vec!["--log-format", "xml"], "--log-format"),
-        (vec!["--history-size", "2048"], "--history-size"),
+        (vec!["--history-size", "2000000"], "--history-size"),
+        (vec!["--history-ttl", "100000h"], "--history-ttl"),
+        (vec!["--history-memory", "0"], "--history-memory"),
         (vec!["--echo-path", "/ws"], "--echo-path"),
         (vec!["--tls-cert", "/nonexistent/cert.pem"], "--tls-key"), // needs its pair
         (vec!["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"], "--tls-cert"),

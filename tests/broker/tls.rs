@@ -33,7 +33,7 @@ impl TestCert {
     }
 
     fn files(&self) -> TlsFiles {
-        TlsFiles { cert: self.dir.path().join("cert.pem"), key: self.dir.path().join("key.pem") }
+        TlsFiles { cert: self.dir.path().join("cert.pem"), key: self.dir.path().join("key.pem"), flag: "tls" }
     }
 
     fn connector(&self) -> TlsConnector {
