@@ -13,4 +13,5 @@ mod hostile;
 mod limits;
 mod observability;
 mod process;
+mod robustness;
 mod tls;

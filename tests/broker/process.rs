@@ -19,6 +19,12 @@ fn bad_flag_values_exit_2_naming_the_flag() {
         (vec!["--history-ttl", "100000h"], "--history-ttl"),
         (vec!["--history-memory", "0"], "--history-memory"),
         (vec!["--echo-path", "/ws"], "--echo-path"),
+        (vec!["--echo-path", "/echo", "--listen", "0.0.0.0:0", "--allow-anonymous"], "--allow-public-echo"),
+        (
+            vec!["--api-tls-cert", "/nonexistent/cert.pem", "--api-tls-key", "/nonexistent/key.pem"],
+            "--api-tls-cert",
+        ),
+        (vec!["--max-queue-bytes", "1KiB"], "--max-queue-bytes"),
         (vec!["--tls-cert", "/nonexistent/cert.pem"], "--tls-key"), // needs its pair
         (vec!["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"], "--tls-cert"),
     ] {

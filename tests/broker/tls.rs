@@ -150,3 +150,39 @@ async fn unusable_tls_files_are_a_start_error_naming_the_flag() {
     let err = switchyard::start(cfg).err().expect("refused");
     assert!(err.to_string().contains("--tls-key"), "{err}");
 }
+
+#[tokio::test]
+async fn api_over_tls_with_api_tls_flags() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cert = TestCert::new();
+    let b = TestBroker::with(|c| {
+        let mut files = cert.files();
+        files.flag = "api-tls";
+        c.api_tls = Some(files);
+    });
+    let (mut ws, _) = b.connect("apitls").await;
+    let tcp = TcpStream::connect(b.api).await.expect("connect");
+    let name = ServerName::try_from("localhost").expect("server name");
+    let mut tls = tokio::time::timeout(WAIT, cert.connector().connect(name, tcp))
+        .await
+        .expect("TLS handshake in time")
+        .expect("TLS handshake");
+    let body = json!({"user": "apitls", "event": "over_tls"}).to_string();
+    let req = format!(
+        "POST /v1/publish HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(req.as_bytes()).await.expect("write");
+    let mut resp = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut resp)).await.expect("response in time");
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert_eq!(next_events(&mut ws, 1).await[0]["event"], "over_tls");
+    // Plain HTTP on the TLS listener gets no answer, and breaks nothing.
+    let mut plain = TcpStream::connect(b.api).await.expect("connect");
+    plain.write_all(b"GET /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    let mut junk = Vec::new();
+    let _ = tokio::time::timeout(WAIT, plain.read_to_end(&mut junk)).await.expect("closed in time");
+    assert!(!String::from_utf8_lossy(&junk).contains("200 OK"));
+    b.stop().await;
+}
