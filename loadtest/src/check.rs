@@ -107,6 +107,9 @@ pub struct Totals {
     pub rejected: u64,
     pub resumes: u64,
     pub resume_failed: u64,
+    /// Publisher streams replaced after an ack timeout or a failure (their
+    /// unacked frames were sent again with the same ids).
+    pub retried: u64,
 }
 
 impl Totals {

@@ -100,6 +100,12 @@ struct Common {
     /// Client runtime threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Publishers give every event an idempotency `id`; a frame not acked
+    /// within this time (or a stream that fails) is sent again, with every
+    /// frame after it, on a new stream. The checks then prove the broker
+    /// applied each event exactly once.
+    #[arg(long, value_parser = parse_duration)]
+    retry_timeout: Option<Duration>,
 }
 
 #[derive(Args)]
@@ -230,6 +236,8 @@ struct Run {
     stopped: tokio::sync::watch::Sender<bool>,
     resumes: AtomicU64,
     resume_failed: AtomicU64,
+    /// Publisher streams replaced after an ack timeout or a failure.
+    retries: AtomicU64,
     latency_tx: flume::Sender<Vec<u64>>,
 }
 
@@ -249,6 +257,7 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
         stopped: tokio::sync::watch::channel(false).0,
         resumes: AtomicU64::new(0),
         resume_failed: AtomicU64::new(0),
+        retries: AtomicU64::new(0),
         latency_tx,
         start: Instant::now(),
         common: common.clone(),
@@ -297,7 +306,7 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
         let ws = connect_stream(&api, common.api_key.as_deref())
             .await
             .with_context(|| format!("publisher {p}"))?;
-        pub_tasks.push(tokio::spawn(publisher_task(run.clone(), ws, rx)));
+        pub_tasks.push(tokio::spawn(publisher_task(run.clone(), api.clone(), ws, rx)));
         pub_txs.push(tx);
     }
 
@@ -341,6 +350,7 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
     totals.rejected = scheduled.saturating_sub(totals.sent);
     totals.resumes = run.resumes.load(Ordering::Relaxed);
     totals.resume_failed = run.resume_failed.load(Ordering::Relaxed);
+    totals.retried = run.retries.load(Ordering::Relaxed);
     let shed_after = broker_shed(&api, common.api_key.as_deref()).await?;
     totals.settle(shed_after.saturating_sub(shed_before));
     drop(run);
@@ -373,10 +383,14 @@ fn event_line(
     event: &str,
     priority: &str,
     pad: usize,
+    with_id: bool,
 ) -> String {
     let name = user.map_or_else(|| EVERYONE.to_string(), user_name);
     let mut s = String::with_capacity(128 + pad);
     s.push('{');
+    if with_id {
+        s.push_str(&format!("\"id\":\"e{nonce}\","));
+    }
     if user.is_some() {
         s.push_str("\"user\":\"");
         s.push_str(&name);
@@ -443,7 +457,8 @@ async fn schedule(run: &Run, plan: &Plan, pubs: &[flume::Sender<Outgoing>], t0: 
                 }
                 let intended_us = base_us + intended.as_micros() as u64;
                 let target = (!broadcast).then_some(user);
-                let line = event_line(target, nonce, intended_us, "load", PRIORITIES[prio], *payload);
+                let with_id = run.common.retry_timeout.is_some();
+                let line = event_line(target, nonce, intended_us, "load", PRIORITIES[prio], *payload, with_id);
                 // A user's events all go through one publisher (so they stay in
                 // order); broadcasts rotate, and the checker orders each source.
                 let slot = if *broadcast { broadcast_source(nonce, pubs.len()) } else { user % pubs.len() };
@@ -458,7 +473,9 @@ async fn schedule(run: &Run, plan: &Plan, pubs: &[flume::Sender<Outgoing>], t0: 
                 wait_until(t0 + p.at).await;
                 let ev = &events[p.event];
                 let intended_us = base_us + p.at.as_micros() as u64;
-                let line = event_line(Some(p.user), nonce, intended_us, &ev.event, &ev.priority, ev.bytes);
+                let with_id = run.common.retry_timeout.is_some();
+                let line =
+                    event_line(Some(p.user), nonce, intended_us, &ev.event, &ev.priority, ev.bytes, with_id);
                 nonce += 1;
                 if pubs[p.user % pubs.len()].send_async(Outgoing { user: p.user, line }).await.is_err() {
                     break;
@@ -477,50 +494,113 @@ async fn wait_until(at: Instant) {
     }
 }
 
-/// One publisher stream: batches queued events into NDJSON frames, counts acks.
-async fn publisher_task(run: Arc<Run>, ws: Ws, rx: flume::Receiver<Outgoing>) -> anyhow::Result<()> {
-    let (mut sink, mut stream) = ws.split();
-    let (frames_tx, frames_rx) = flume::unbounded::<Vec<usize>>();
-    let acker_run = run.clone();
-    let acker = tokio::spawn(async move {
-        while let Ok(users) = frames_rx.recv_async().await {
-            let ack = loop {
-                match stream.next().await {
-                    Some(Ok(Message::Text(t))) => break serde_json::from_str::<Value>(&t)?,
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => bail!("publisher stream failed: {e}"),
-                    None => bail!("publisher stream closed"),
+/// A frame sent on a publisher stream and not yet acked.
+struct Unacked {
+    frame: String,
+    users: Vec<usize>,
+    sent_at: Instant,
+}
+
+/// How long a publisher keeps trying to open a new stream after a failure.
+const RECONNECT_FOR: Duration = Duration::from_secs(30);
+
+/// One publisher stream: batches queued events into NDJSON frames and counts
+/// acks. With `--retry-timeout`, a frame not acked in time (or a failed
+/// stream) makes it open a new stream and send every unacked frame again, in
+/// order; the events' ids make the broker apply each once.
+async fn publisher_task(run: Arc<Run>, api: String, first: Ws, rx: flume::Receiver<Outgoing>) -> anyhow::Result<()> {
+    let retry = run.common.retry_timeout;
+    let mut pending: std::collections::VecDeque<Unacked> = std::collections::VecDeque::new();
+    let mut next_ws = Some(first);
+    let mut input_done = false;
+    loop {
+        let ws = match next_ws.take() {
+            Some(ws) => ws,
+            None => reconnect_stream(&api, run.common.api_key.as_deref()).await?,
+        };
+        let (mut sink, mut stream) = ws.split();
+        let failure = 'stream: {
+            for u in pending.iter_mut() {
+                if let Err(e) = sink.send(Message::text(u.frame.clone())).await {
+                    break 'stream anyhow!("publisher resend: {e}");
                 }
-            };
-            let results = ack["results"].as_array().ok_or_else(|| anyhow!("unexpected reply {ack}"))?;
-            for (u, r) in users.iter().zip(results) {
-                if r.get("seq").is_some() {
-                    acker_run.sent[*u].fetch_add(1, Ordering::Relaxed);
+                u.sent_at = Instant::now();
+            }
+            loop {
+                if input_done && pending.is_empty() {
+                    let _ = sink.close().await;
+                    return Ok(());
+                }
+                let ack_due = pending.front().zip(retry).map(|(u, r)| u.sent_at + r);
+                tokio::select! {
+                    o = rx.recv_async(), if !input_done => match o {
+                        Ok(first) => {
+                            let (frame, users) = next_frame(first, &rx);
+                            if let Err(e) = sink.send(Message::text(frame.clone())).await {
+                                pending.push_back(Unacked { frame, users, sent_at: Instant::now() });
+                                break 'stream anyhow!("publisher send: {e}");
+                            }
+                            pending.push_back(Unacked { frame, users, sent_at: Instant::now() });
+                        }
+                        Err(_) => input_done = true,
+                    },
+                    m = stream.next() => match m {
+                        Some(Ok(Message::Text(t))) => {
+                            let ack: Value = serde_json::from_str(&t)?;
+                            let results = ack["results"].as_array().ok_or_else(|| anyhow!("unexpected reply {ack}"))?;
+                            let acked = pending.pop_front().ok_or_else(|| anyhow!("an ack for no frame"))?;
+                            for (u, r) in acked.users.iter().zip(results) {
+                                if r.get("seq").is_some() {
+                                    run.sent[*u].fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => break 'stream anyhow!("publisher stream failed: {e}"),
+                        None => break 'stream anyhow!("publisher stream closed"),
+                    },
+                    _ = tokio::time::sleep_until(ack_due.unwrap_or_else(Instant::now).into()), if ack_due.is_some() => {
+                        break 'stream anyhow!("no ack within --retry-timeout");
+                    }
                 }
             }
+        };
+        if retry.is_none() {
+            return Err(failure);
         }
-        Ok::<_, anyhow::Error>(())
-    });
-    while let Ok(first) = rx.recv_async().await {
-        let mut users = vec![first.user];
-        let mut frame = first.line;
-        while users.len() < 1000 {
-            match rx.try_recv() {
-                Ok(o) => {
-                    frame.push('\n');
-                    frame.push_str(&o.line);
-                    users.push(o.user);
-                }
-                Err(_) => break,
-            }
-        }
-        sink.send(Message::text(frame)).await.context("publisher send")?;
-        frames_tx.send(users).map_err(|_| anyhow!("ack reader ended"))?;
+        run.retries.fetch_add(1, Ordering::Relaxed);
+        eprintln!("publisher: {failure}; resending {} frames on a new stream", pending.len());
     }
-    drop(frames_tx);
-    acker.await??;
-    let _ = sink.close().await;
-    Ok(())
+}
+
+/// Takes `first` and whatever else is queued (up to 1,000 events) as one NDJSON frame.
+fn next_frame(first: Outgoing, rx: &flume::Receiver<Outgoing>) -> (String, Vec<usize>) {
+    let mut users = vec![first.user];
+    let mut frame = first.line;
+    while users.len() < 1000 {
+        match rx.try_recv() {
+            Ok(o) => {
+                frame.push('\n');
+                frame.push_str(&o.line);
+                users.push(o.user);
+            }
+            Err(_) => break,
+        }
+    }
+    (frame, users)
+}
+
+/// Opens a new publisher stream, retrying for up to [`RECONNECT_FOR`].
+async fn reconnect_stream(api: &str, key: Option<&str>) -> anyhow::Result<Ws> {
+    let deadline = Instant::now() + RECONNECT_FOR;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), connect_stream(api, key)).await {
+            Ok(Ok(ws)) => return Ok(ws),
+            Ok(Err(e)) if Instant::now() >= deadline => return Err(e.context("reopening a publisher stream")),
+            Err(_) if Instant::now() >= deadline => bail!("reopening a publisher stream timed out"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 /// Broadcasts one at a time over a keep-alive HTTP/1.1 connection, so the
@@ -831,6 +911,7 @@ fn report(
     println!("  shed        {:>12}   (slow consumers, reported by the broker)", t.shed);
     println!("  rejected    {:>12}   (refused by the broker: overloaded)", t.rejected);
     println!("  resumes     {:>12}   (failed: {})", t.resumes, t.resume_failed);
+    println!("  retried     {:>12}   (publisher streams replaced; frames resent with their ids)", t.retried);
     println!(
         "  latency µs  p50={} p90={} p99={} p99.9={} max={}  (from intended send time)",
         pct(0.5),
