@@ -458,7 +458,8 @@ async fn schedule(run: &Run, plan: &Plan, pubs: &[flume::Sender<Outgoing>], t0: 
                 let intended_us = base_us + intended.as_micros() as u64;
                 let target = (!broadcast).then_some(user);
                 let with_id = run.common.retry_timeout.is_some();
-                let line = event_line(target, nonce, intended_us, "load", PRIORITIES[prio], *payload, with_id);
+                let line =
+                    event_line(target, nonce, intended_us, "load", PRIORITIES[prio], *payload, with_id);
                 // A user's events all go through one publisher (so they stay in
                 // order); broadcasts rotate, and the checker orders each source.
                 let slot = if *broadcast { broadcast_source(nonce, pubs.len()) } else { user % pubs.len() };
@@ -508,7 +509,12 @@ const RECONNECT_FOR: Duration = Duration::from_secs(30);
 /// acks. With `--retry-timeout`, a frame not acked in time (or a failed
 /// stream) makes it open a new stream and send every unacked frame again, in
 /// order; the events' ids make the broker apply each once.
-async fn publisher_task(run: Arc<Run>, api: String, first: Ws, rx: flume::Receiver<Outgoing>) -> anyhow::Result<()> {
+async fn publisher_task(
+    run: Arc<Run>,
+    api: String,
+    first: Ws,
+    rx: flume::Receiver<Outgoing>,
+) -> anyhow::Result<()> {
     let retry = run.common.retry_timeout;
     let mut pending: std::collections::VecDeque<Unacked> = std::collections::VecDeque::new();
     let mut next_ws = Some(first);

@@ -6,6 +6,7 @@ mod util;
 mod api;
 mod auth;
 mod bad_input;
+mod chaos;
 mod conformance;
 mod core;
 mod delivery;

@@ -229,9 +229,16 @@ pub fn now_secs() -> u64 {
 
 /// Starts the binary with JSON logs; returns the child and its two addresses.
 pub fn spawn_binary(extra: &[&str]) -> (std::process::Child, String, String) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0", "--log-format", "json"])
-        .args(extra)
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    cmd.args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"]).args(extra);
+    spawn_logged(cmd)
+}
+
+/// Starts a broker command (flags given by the caller) with JSON logs;
+/// returns the child and the two addresses it logs.
+pub fn spawn_logged(mut cmd: std::process::Command) -> (std::process::Child, String, String) {
+    let mut child = cmd
+        .args(["--log-format", "json"])
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
