@@ -35,6 +35,7 @@ pub mod redact;
 pub mod routing;
 pub mod shard;
 pub mod signals;
+pub mod sse;
 pub mod wsframe;
 
 pub use broker::{start, Running, Shared, StartError};

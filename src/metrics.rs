@@ -36,8 +36,9 @@ pub fn read(c: &AtomicU64) -> u64 {
 
 /// One shard's counters.
 pub struct ShardMetrics {
-    /// Live client connections on this shard (gauge).
+    /// Live client connections on this shard (gauge), and how many of them are SSE streams.
     pub connections: CachePadded<AtomicU64>,
+    pub sse_connections: CachePadded<AtomicU64>,
     /// Users with state on this shard (gauge).
     pub users: CachePadded<AtomicU64>,
     /// Events given a seq on this shard.
@@ -72,6 +73,7 @@ impl Default for ShardMetrics {
     fn default() -> Self {
         ShardMetrics {
             connections: counter(),
+            sse_connections: counter(),
             users: counter(),
             published: counter(),
             delivered: counter(),

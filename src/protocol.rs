@@ -330,6 +330,11 @@ pub struct Welcome<'a> {
 
 /// Encodes the `welcome` frame, WebSocket header included.
 pub fn encode_welcome(w: &Welcome<'_>) -> Bytes {
+    wsframe::text_frame(welcome_json(w).as_bytes())
+}
+
+/// The `welcome` object as JSON text (framed by the caller's transport).
+pub fn welcome_json(w: &Welcome<'_>) -> String {
     let mut v = serde_json::json!({
         "type": "welcome",
         "user": w.user.as_str(),
@@ -341,7 +346,7 @@ pub fn encode_welcome(w: &Welcome<'_>) -> Bytes {
     if let Some(r) = w.recovered {
         v["recovered"] = serde_json::Value::Bool(r);
     }
-    wsframe::text_frame(v.to_string().as_bytes())
+    v.to_string()
 }
 
 /// Encodes a `pong` answer to an application-level ping.

@@ -38,6 +38,17 @@ pub fn frame(opcode: u8, payload: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
+/// The payload of a complete server frame (unmasked, as we encode them).
+pub fn payload(frame: &[u8]) -> &[u8] {
+    let header = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => return &[],
+    };
+    frame.get(header..).unwrap_or(&[])
+}
+
 /// A complete text frame.
 pub fn text_frame(payload: &[u8]) -> Bytes {
     frame(OP_TEXT, payload)

@@ -17,6 +17,7 @@
 //! `Cell`/`RefCell`, with no locks or atomics beyond the shard's counters.
 
 pub mod queue;
+pub mod sse_reader;
 pub mod transport;
 
 use std::cell::{Cell, RefCell};
@@ -71,6 +72,8 @@ pub struct Conn {
     pub user: UserId,
     /// An `--echo-path` connection: data frames are echoed, no events.
     pub echo: bool,
+    /// A `GET /sse` stream: frames are SSE messages, the client sends nothing.
+    pub sse: bool,
     queue: RefCell<OutQueue>,
     closing: RefCell<Option<CloseMode>>,
     /// The writer task's waker, when it sleeps.
@@ -93,6 +96,7 @@ impl Conn {
         id: String,
         user: UserId,
         echo: bool,
+        sse: bool,
         limits: Limits,
         now: Instant,
         ping: Duration,
@@ -102,6 +106,7 @@ impl Conn {
             id,
             user,
             echo,
+            sse,
             queue: RefCell::new(OutQueue::new(limits)),
             closing: RefCell::new(None),
             waker: RefCell::new(None),
@@ -184,9 +189,27 @@ impl Conn {
         }
     }
 
+    /// The last frame this connection's transport sends when closing with `code`.
+    fn close_frame(&self, code: u16, reason: &str) -> Bytes {
+        if self.sse {
+            crate::sse::close(code, reason)
+        } else {
+            wsframe::close_frame(code, reason)
+        }
+    }
+
+    /// A keep-alive for this connection's transport (WebSocket ping, SSE comment).
+    pub fn ping_frame(&self) -> Bytes {
+        if self.sse {
+            Bytes::from_static(crate::sse::PING)
+        } else {
+            Bytes::from_static(&[0x80 | wsframe::OP_PING, 0])
+        }
+    }
+
     /// Closes at once with `code`: queued events are dropped.
     pub fn close_now(&self, code: u16, reason: &str) {
-        self.set_closing(CloseMode::Now(Some(wsframe::close_frame(code, reason))));
+        self.set_closing(CloseMode::Now(Some(self.close_frame(code, reason))));
     }
 
     /// The peer is gone: end without writing anything.
@@ -196,7 +219,7 @@ impl Conn {
 
     /// Closes with `code` after writing what is queued, giving up at `deadline`.
     pub fn close_after_flush(&self, code: u16, reason: &str, deadline: Instant) {
-        self.set_closing(CloseMode::AfterFlush(wsframe::close_frame(code, reason), deadline));
+        self.set_closing(CloseMode::AfterFlush(self.close_frame(code, reason), deadline));
     }
 
     fn set_closing(&self, mode: CloseMode) {

@@ -34,6 +34,9 @@ const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 pub enum Parsed {
     Health,
     Upgrade(UpgradeRequest),
+    /// `GET /sse`: the same stream as Server-Sent Events (no upgrade;
+    /// `accept_key` is empty).
+    Sse(UpgradeRequest),
     /// An upgrade to `--echo-path` (conformance aid; query ignored).
     Echo(UpgradeRequest),
 }
@@ -162,7 +165,8 @@ async fn handle<S: ClientStream>(mut stream: S, shared: &Shared, deadline: tokio
             let _ = write_response(&mut stream, 200, "OK", &[], body).await;
             return;
         }
-        Ok(Parsed::Upgrade(up)) => admit(shared, up),
+        Ok(Parsed::Upgrade(up)) => admit(shared, up, false),
+        Ok(Parsed::Sse(up)) => admit(shared, up, true),
         Ok(Parsed::Echo(up)) => admit_echo(shared, up),
         Err(r) => Err(r),
     };
@@ -234,13 +238,20 @@ pub fn parse_request(head: &[u8], echo_path: Option<&str>) -> Result<Parsed, Ref
     let target = req.path.unwrap_or("");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let echo = echo_path == Some(path);
+    let sse = path == "/sse";
     match path {
         "/healthz" if method == "GET" => return Ok(Parsed::Health),
-        "/ws" if method == "GET" => {}
+        "/ws" | "/sse" if method == "GET" => {}
         _ if echo && method == "GET" => {}
         _ if echo => return Err(Refusal::new(405, "method_not_allowed", "use GET")),
-        "/ws" | "/healthz" => return Err(Refusal::new(405, "method_not_allowed", "use GET")),
-        _ => return Err(Refusal::new(404, "not_found", "this listener serves GET /ws and GET /healthz")),
+        "/ws" | "/sse" | "/healthz" => return Err(Refusal::new(405, "method_not_allowed", "use GET")),
+        _ => {
+            return Err(Refusal::new(
+                404,
+                "not_found",
+                "this listener serves GET /ws, GET /sse and GET /healthz",
+            ))
+        }
     }
     let header = |name: &str| {
         req.headers
@@ -252,21 +263,25 @@ pub fn parse_request(head: &[u8], echo_path: Option<&str>) -> Result<Parsed, Ref
     let has_token = |name: &str, token: &str| {
         header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     };
-    if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
-        return Err(Refusal::new(426, "upgrade_required", "this path needs a WebSocket upgrade"));
-    }
-    if header("sec-websocket-version") != Some("13") {
-        return Err(Refusal::new(426, "upgrade_required", "Sec-WebSocket-Version must be 13"));
-    }
-    let key = header("sec-websocket-key")
-        .filter(|k| !k.is_empty())
-        .ok_or_else(|| Refusal::new(400, "bad_request", "Sec-WebSocket-Key is missing"))?;
+    let key = if sse {
+        ""
+    } else {
+        if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
+            return Err(Refusal::new(426, "upgrade_required", "this path needs a WebSocket upgrade"));
+        }
+        if header("sec-websocket-version") != Some("13") {
+            return Err(Refusal::new(426, "upgrade_required", "Sec-WebSocket-Version must be 13"));
+        }
+        header("sec-websocket-key")
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| Refusal::new(400, "bad_request", "Sec-WebSocket-Key is missing"))?
+    };
     let bearer = header("authorization").and_then(|v| {
         let (scheme, token) = v.split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string())
     });
     let mut up = UpgradeRequest {
-        accept_key: accept_key(key),
+        accept_key: if sse { String::new() } else { accept_key(key) },
         origin: header("origin").map(|o| o.trim_end_matches('/').to_ascii_lowercase()),
         query_user: None,
         query_token: None,
@@ -294,7 +309,18 @@ pub fn parse_request(head: &[u8], echo_path: Option<&str>) -> Result<Parsed, Ref
             _ => {}
         }
     }
-    Ok(Parsed::Upgrade(up))
+    if !sse {
+        return Ok(Parsed::Upgrade(up));
+    }
+    // A browser reconnecting an EventSource sends the last id it saw; it is
+    // fresher than the query the stream was first opened with.
+    if let Some(raw) = header("last-event-id").filter(|v| !v.is_empty()) {
+        let (epoch, seq) = crate::sse::parse_last_event_id(raw)
+            .ok_or_else(|| Refusal::new(400, "bad_request", "Last-Event-ID must be <epoch>:<seq>"))?;
+        up.epoch = Some(epoch);
+        up.since = Some(seq);
+    }
+    Ok(Parsed::Sse(up))
 }
 
 fn accept_key(key: &str) -> String {
@@ -342,8 +368,9 @@ pub fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
 /// Where an admitted upgrade goes: shard index, peer, `101` response.
 type Admitted = (usize, Peer, Bytes);
 
-/// Checks origin and credentials and takes a connection slot.
-fn admit(shared: &Shared, up: UpgradeRequest) -> Result<Admitted, Refusal> {
+/// Checks origin and credentials and takes a connection slot; `sse` for a
+/// `GET /sse` stream (answered `200 text/event-stream` instead of `101`).
+fn admit(shared: &Shared, up: UpgradeRequest, sse: bool) -> Result<Admitted, Refusal> {
     check_origin(shared, &up)?;
     let creds = Credentials {
         query_user: up.query_user.as_deref(),
@@ -358,7 +385,9 @@ fn admit(shared: &Shared, up: UpgradeRequest) -> Result<Admitted, Refusal> {
     take_slot(shared)?;
     let shard = shared.router.shard_for(&user);
     let resume = up.since.map(|since| Resume { since, epoch: up.epoch });
-    Ok((shard, Peer::User { user, resume }, switching_protocols(&up.accept_key)))
+    let response =
+        if sse { crate::sse::head(up.origin.as_deref()) } else { switching_protocols(&up.accept_key) };
+    Ok((shard, Peer::User { user, resume, sse }, response))
 }
 
 /// Admits an `--echo-path` connection: origin checked, no credentials.

@@ -60,8 +60,8 @@ pub struct Resume {
 /// Who is on the other end of an attached socket.
 #[derive(Debug, Clone)]
 pub enum Peer {
-    /// An authenticated user, maybe resuming.
-    User { user: UserId, resume: Option<Resume> },
+    /// An authenticated user, maybe resuming; `sse` for a `GET /sse` stream.
+    User { user: UserId, resume: Option<Resume>, sse: bool },
     /// An `--echo-path` connection (conformance aid): no user, no events.
     Echo,
 }
@@ -70,7 +70,7 @@ pub enum Peer {
 pub struct AttachCmd {
     pub peer: Peer,
     pub socket: HandedSocket,
-    /// The `101 Switching Protocols` response, written first.
+    /// The `101 Switching Protocols` (or SSE `200`) response, written first.
     pub response: Bytes,
     /// Bytes the listener read past the request head (already client frames).
     pub leftover: Bytes,

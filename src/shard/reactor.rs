@@ -217,8 +217,9 @@ impl ShardCore {
                 next = u.seq + 1; // cannot happen: held seqs are contiguous up to the latest
                 break;
             };
-            bytes += h.frame.len();
-            batch.push(Outbound { frame: h.frame.clone(), accepted: None, priority: h.priority });
+            let frame = if conn.sse { crate::sse::event(&u.epoch, h.seq, &h.frame) } else { h.frame.clone() };
+            bytes += frame.len();
+            batch.push(Outbound { frame, accepted: None, priority: h.priority });
             next += 1;
         }
         conn.replay_next.set((next <= u.seq).then_some(next));
@@ -250,9 +251,16 @@ impl ShardCore {
         bump(&m.published, 1);
         let conns = self.conns.borrow();
         let mut delivered = 0;
+        // Encoded once per transport that needs it, not once per connection.
+        let mut sse_frame: Option<bytes::Bytes> = None;
         for &key in &user.conns {
             let Some(conn) = conns.get(key) else { continue };
-            let out = Outbound { frame: frame.clone(), accepted: Some(accepted), priority: ev.priority };
+            let frame = if conn.sse {
+                sse_frame.get_or_insert_with(|| crate::sse::event(&user.epoch, user.seq, &frame)).clone()
+            } else {
+                frame.clone()
+            };
+            let out = Outbound { frame, accepted: Some(accepted), priority: ev.priority };
             match conn.push_event(out) {
                 Enqueued::Queued { shed } => {
                     delivered += 1;
@@ -301,16 +309,20 @@ impl ShardCore {
             }
         };
         let conn = match a.peer {
-            Peer::User { user, resume } => self.attach_user(user, resume),
-            Peer::Echo => self.register(echo_user(), true),
+            Peer::User { user, resume, sse } => self.attach_user(user, resume, sse),
+            Peer::Echo => self.register(echo_user(), true, false),
         };
-        let reader = tokio::task::spawn_local(connection::run_reader(conn.clone(), read, a.leftover));
+        let reader = if conn.sse {
+            tokio::task::spawn_local(connection::sse_reader::run(conn.clone(), read, a.leftover))
+        } else {
+            tokio::task::spawn_local(connection::run_reader(conn.clone(), read, a.leftover))
+        };
         conn.set_reader(reader.abort_handle());
         tokio::task::spawn_local(connection::run_writer(self.clone(), conn, write, a.response));
     }
 
     /// Puts a new connection in the slab.
-    fn register(&self, user: UserId, echo: bool) -> Rc<Conn> {
+    fn register(&self, user: UserId, echo: bool, sse: bool) -> Rc<Conn> {
         let cfg = &self.shared.config;
         let n = self.next_conn.get() + 1;
         self.next_conn.set(n);
@@ -327,15 +339,19 @@ impl ShardCore {
                 cfg.max_queue_bytes
             },
         };
-        let conn = Rc::new(Conn::new(entry.key(), id, user, echo, limits, Instant::now(), cfg.ping_interval));
+        let conn =
+            Rc::new(Conn::new(entry.key(), id, user, echo, sse, limits, Instant::now(), cfg.ping_interval));
         entry.insert(conn.clone());
         bump(&self.handle().metrics.connections, 1);
+        if sse {
+            bump(&self.handle().metrics.sse_connections, 1);
+        }
         conn
     }
 
     /// Registers a user's connection: evicts over the per-user limit, queues
     /// `welcome` and any resume replay.
-    fn attach_user(&self, user_id: UserId, resume: Option<Resume>) -> Rc<Conn> {
+    fn attach_user(&self, user_id: UserId, resume: Option<Resume>, sse: bool) -> Rc<Conn> {
         let cfg = &self.shared.config;
         let now = Instant::now();
         let mut users = self.users.borrow_mut();
@@ -360,16 +376,21 @@ impl ShardCore {
             },
         };
 
-        let conn = self.register(user_id.clone(), false);
+        let conn = self.register(user_id.clone(), false, sse);
         user.conns.push(conn.key);
-        conn.push_control(protocol::encode_welcome(&Welcome {
+        let welcome = protocol::welcome_json(&Welcome {
             user: &user_id,
             conn: &conn.id,
             epoch: &user.epoch,
             seq: user.seq,
             recovered,
             ping_ms: cfg.ping_interval.as_millis() as u64,
-        }));
+        });
+        conn.push_control(if sse {
+            crate::sse::message("welcome", welcome.as_bytes())
+        } else {
+            crate::wsframe::text_frame(welcome.as_bytes())
+        });
         if let Some(seq) = replay_from {
             conn.start_replay(seq);
         }
@@ -388,6 +409,9 @@ impl ShardCore {
         }
         let m = &self.handle().metrics;
         m.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if conn.sse {
+            m.sse_connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
         self.shared.release_connection();
     }
 
@@ -440,7 +464,6 @@ impl ShardCore {
     /// `/metrics` never makes a shard walk its connections).
     fn heartbeat(&self, now: Instant) {
         let cfg = &self.shared.config;
-        let ping = crate::wsframe::frame(crate::wsframe::OP_PING, b"");
         let (mut queued, mut max_depth) = (0, 0);
         for (_, conn) in self.conns.borrow().iter() {
             let depth = conn.depth();
@@ -449,11 +472,12 @@ impl ShardCore {
             if conn.is_closing() {
                 continue;
             }
-            if now.duration_since(conn.last_recv.get()) >= cfg.idle_timeout {
+            // An SSE client cannot send: it is never idle by that measure.
+            if !conn.sse && now.duration_since(conn.last_recv.get()) >= cfg.idle_timeout {
                 conn.close_now(4002, "idle timeout");
             } else if now >= conn.next_ping.get() {
                 conn.next_ping.set(now + cfg.ping_interval);
-                conn.push_control(ping.clone());
+                conn.push_control(conn.ping_frame());
             }
         }
         self.publish_gauges(queued, max_depth);

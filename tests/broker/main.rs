@@ -15,4 +15,5 @@ mod limits;
 mod observability;
 mod process;
 mod robustness;
+mod sse;
 mod tls;
