@@ -1,8 +1,10 @@
 //! switchyard-load: a load generator that is also a delivery checker.
 //!
 //! `check` verifies every received event (once, in order, own user only);
-//! `trace` reads recorded event traces and turns them into a schedule.
+//! `trace` reads recorded event traces and turns them into a schedule;
+//! `sse` is the client side of `GET /sse`.
 
 pub mod ceiling;
 pub mod check;
+pub mod sse;
 pub mod trace;

@@ -12,12 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use switchyard::config::parse_duration;
 use switchyard_load::check::{ConnCheck, Totals, MAX_SOURCES};
+use switchyard_load::sse::SseConn;
 use switchyard_load::trace::{self, Planned, TraceEvent};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -106,6 +107,60 @@ struct Common {
     /// applied each event exactly once.
     #[arg(long, value_parser = parse_duration)]
     retry_timeout: Option<Duration>,
+    /// How clients connect: WebSocket (`/ws`), Server-Sent Events (`/sse`,
+    /// resuming through `Last-Event-ID`), or a mix (every other connection).
+    #[arg(long, value_enum, default_value = "ws")]
+    transport: Transport,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    Ws,
+    Sse,
+    Mix,
+}
+
+impl Transport {
+    /// Whether connection `index` uses SSE.
+    fn sse_for(self, index: usize) -> bool {
+        match self {
+            Transport::Ws => false,
+            Transport::Sse => true,
+            Transport::Mix => index % 2 == 1,
+        }
+    }
+}
+
+/// A client connection over either transport.
+enum Conn {
+    Ws(Box<Ws>),
+    Sse(SseConn),
+}
+
+impl Conn {
+    /// The next text message (a WebSocket text frame, an SSE message's data);
+    /// `None` when the connection ended.
+    async fn next_text(&mut self) -> Option<String> {
+        match self {
+            Conn::Ws(ws) => loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => return Some(t.to_string()),
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => return None,
+                }
+            },
+            Conn::Sse(s) => s.next().await.map(|m| m.data),
+        }
+    }
+
+    async fn close(&mut self) {
+        match self {
+            Conn::Ws(ws) => {
+                let _ = SinkExt::close(ws).await;
+            }
+            Conn::Sse(s) => s.close().await,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -694,14 +749,18 @@ async fn connect(
     user: usize,
     index: usize,
     resume: Option<(u64, &str)>,
-) -> anyhow::Result<(Ws, Value)> {
+) -> anyhow::Result<(Conn, Value)> {
     let name = user_name(user);
-    let mut url = match &common.jwt_secret {
-        Some(s) => format!("{target}/ws?token={}", mint_token(s, &name)?),
-        None => format!("{target}/ws?user={name}"),
+    let sse = common.transport.sse_for(index);
+    let path = if sse { "/sse" } else { "/ws" };
+    let mut query = match &common.jwt_secret {
+        Some(s) => format!("{path}?token={}", mint_token(s, &name)?),
+        None => format!("{path}?user={name}"),
     };
-    if let Some((since, epoch)) = resume {
-        url.push_str(&format!("&since={since}&epoch={epoch}"));
+    // WebSockets resume with since/epoch; SSE the way a browser does, with Last-Event-ID.
+    let last_event_id = resume.filter(|_| sse).map(|(since, epoch)| format!("{epoch}:{since}"));
+    if let Some((since, epoch)) = resume.filter(|_| !sse) {
+        query.push_str(&format!("&since={since}&epoch={epoch}"));
     }
     let host = target.trim_start_matches("ws://");
     let addr: SocketAddr =
@@ -713,22 +772,27 @@ async fn connect(
     }
     let stream = socket.connect(addr).await?;
     let _ = stream.set_nodelay(true);
-    let (mut ws, _) =
-        tokio_tungstenite::client_async_with_config(url, MaybeTlsStream::Plain(stream), Some(ws_config()))
-            .await?;
-    let welcome = loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => break serde_json::from_str::<Value>(&t)?,
-            Ok(Some(Ok(_))) => continue,
-            Ok(Some(Err(e))) => bail!("reading welcome: {e}"),
-            Ok(None) => bail!("closed before welcome"),
-            Err(_) => bail!("no welcome within 10s"),
-        }
+    let mut conn = if sse {
+        Conn::Sse(SseConn::open(stream, &query, last_event_id.as_deref()).await?)
+    } else {
+        let url = format!("{target}{query}");
+        let (ws, _) = tokio_tungstenite::client_async_with_config(
+            url,
+            MaybeTlsStream::Plain(stream),
+            Some(ws_config()),
+        )
+        .await?;
+        Conn::Ws(Box::new(ws))
+    };
+    let welcome = match tokio::time::timeout(Duration::from_secs(10), conn.next_text()).await {
+        Ok(Some(t)) => serde_json::from_str::<Value>(&t)?,
+        Ok(None) => bail!("closed before welcome"),
+        Err(_) => bail!("no welcome within 10s"),
     };
     if welcome["type"] != "welcome" {
         bail!("first frame was not welcome: {welcome}");
     }
-    Ok((ws, welcome))
+    Ok((conn, welcome))
 }
 
 /// One logical client connection: reads, checks, records latency, churns.
@@ -738,7 +802,7 @@ async fn client_task(
     user: usize,
     index: usize,
     slow: bool,
-    mut ws: Ws,
+    mut ws: Conn,
     welcome: Value,
 ) -> ConnCheck {
     let name = user_name(user);
@@ -765,8 +829,8 @@ async fn client_task(
         };
         tokio::select! {
             _ = stopped.changed() => break,
-            msg = ws.next() => match msg {
-                Some(Ok(Message::Text(t))) => {
+            msg = ws.next_text() => match msg {
+                Some(t) => {
                     let Ok(ev) = serde_json::from_str::<EventFrame<'_>>(&t) else { continue };
                     if ev.ty != "event" { continue }
                     let Some(d) = ev.data else { continue };
@@ -787,21 +851,20 @@ async fn client_task(
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => {
+                None => {
                     // Dropped by the broker (e.g. 1013 for a slow reader): resume.
                     if !reconnect(&run, &target, user, index, &mut ws, &mut epoch, &mut check).await { break }
                 }
             },
             _ = churn_sleep => {
-                let _ = ws.close(None).await;
+                ws.close().await;
                 if !reconnect(&run, &target, user, index, &mut ws, &mut epoch, &mut check).await { break }
                 churn_at = next_churn(&mut rng);
             }
         }
     }
     let _ = run.latency_tx.send(lat);
-    let _ = ws.close(None).await;
+    ws.close().await;
     check
 }
 
@@ -810,7 +873,7 @@ async fn reconnect(
     target: &str,
     user: usize,
     index: usize,
-    ws: &mut Ws,
+    ws: &mut Conn,
     epoch: &mut String,
     check: &mut ConnCheck,
 ) -> bool {

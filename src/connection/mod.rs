@@ -63,6 +63,17 @@ pub enum CloseMode {
     AfterFlush(Bytes, Instant),
 }
 
+/// What is on the other end of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A user's WebSocket (`/ws`).
+    WebSocket,
+    /// A user's Server-Sent Events stream (`/sse`).
+    Sse,
+    /// An `--echo-path` WebSocket (conformance aid).
+    Echo,
+}
+
 /// The shard-local state of one connection.
 pub struct Conn {
     /// Slab key on the shard.
@@ -95,8 +106,7 @@ impl Conn {
         key: usize,
         id: String,
         user: UserId,
-        echo: bool,
-        sse: bool,
+        kind: Kind,
         limits: Limits,
         now: Instant,
         ping: Duration,
@@ -105,8 +115,8 @@ impl Conn {
             key,
             id,
             user,
-            echo,
-            sse,
+            echo: kind == Kind::Echo,
+            sse: kind == Kind::Sse,
             queue: RefCell::new(OutQueue::new(limits)),
             closing: RefCell::new(None),
             waker: RefCell::new(None),

@@ -310,7 +310,7 @@ impl ShardCore {
         };
         let conn = match a.peer {
             Peer::User { user, resume, sse } => self.attach_user(user, resume, sse),
-            Peer::Echo => self.register(echo_user(), true, false),
+            Peer::Echo => self.register(echo_user(), connection::Kind::Echo),
         };
         let reader = if conn.sse {
             tokio::task::spawn_local(connection::sse_reader::run(conn.clone(), read, a.leftover))
@@ -322,7 +322,8 @@ impl ShardCore {
     }
 
     /// Puts a new connection in the slab.
-    fn register(&self, user: UserId, echo: bool, sse: bool) -> Rc<Conn> {
+    fn register(&self, user: UserId, kind: connection::Kind) -> Rc<Conn> {
+        let (echo, sse) = (kind == connection::Kind::Echo, kind == connection::Kind::Sse);
         let cfg = &self.shared.config;
         let n = self.next_conn.get() + 1;
         self.next_conn.set(n);
@@ -339,8 +340,7 @@ impl ShardCore {
                 cfg.max_queue_bytes
             },
         };
-        let conn =
-            Rc::new(Conn::new(entry.key(), id, user, echo, sse, limits, Instant::now(), cfg.ping_interval));
+        let conn = Rc::new(Conn::new(entry.key(), id, user, kind, limits, Instant::now(), cfg.ping_interval));
         entry.insert(conn.clone());
         bump(&self.handle().metrics.connections, 1);
         if sse {
@@ -376,7 +376,8 @@ impl ShardCore {
             },
         };
 
-        let conn = self.register(user_id.clone(), false, sse);
+        let kind = if sse { connection::Kind::Sse } else { connection::Kind::WebSocket };
+        let conn = self.register(user_id.clone(), kind);
         user.conns.push(conn.key);
         let welcome = protocol::welcome_json(&Welcome {
             user: &user_id,
