@@ -76,6 +76,7 @@ pub async fn stats(shared: &Shared) -> serde_json::Value {
         shards.push(serde_json::json!({
             "shard": h.id,
             "connections": read(&m.connections),
+            "sse_connections": read(&m.sse_connections),
             "users": read(&m.users),
             "queued": snap.queued,
             "max_queue_depth": snap.max_queue_depth,
@@ -104,6 +105,7 @@ pub async fn stats(shared: &Shared) -> serde_json::Value {
         .collect();
     serde_json::json!({
         "connections": shared.live_connections(),
+        "sse_connections": shared.shards.iter().map(|h| read(&h.metrics.sse_connections)).sum::<u64>(),
         "users": shared.shards.iter().map(|h| read(&h.metrics.users)).sum::<u64>(),
         "shards": shards,
         "events": {
@@ -143,6 +145,12 @@ pub fn prometheus(shared: &Shared) -> String {
         shards.iter().map(|h| (format!("{{shard=\"{}\"}}", h.id), f(&h.metrics) as f64)).collect()
     };
     family("connections", "gauge", "Live client connections.", per_shard(&|m| read(&m.connections)));
+    family(
+        "sse_connections",
+        "gauge",
+        "Live client connections that are SSE streams (included in connections).",
+        per_shard(&|m| read(&m.sse_connections)),
+    );
     family("users", "gauge", "Users with state (seq, history) held.", per_shard(&|m| read(&m.users)));
     family("events_published_total", "counter", "Events assigned a seq.", per_shard(&|m| read(&m.published)));
     family(

@@ -1,6 +1,7 @@
 //! Observability (contract §7): histograms, .hgrm, Prometheus metrics, SIGUSR1 dumps.
 
 use std::process::Command;
+use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -204,4 +205,42 @@ fn poll_until(what: &str, done: impl Fn() -> bool) {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     panic!("timed out waiting: {what}");
+}
+
+#[tokio::test]
+async fn metrics_come_from_what_the_shards_publish_on_their_heartbeat() {
+    // /metrics (no key) never asks a shard: gauges and latency are what each
+    // shard published on its last heartbeat (25 ms here).
+    let b = TestBroker::with(|c| {
+        c.shards = 2;
+        c.ping_interval = Duration::from_millis(100);
+    });
+    let _socks = deliver(&b, 4, 25).await;
+    b.post("/v1/publish", serde_json::json!({"user": "m", "event": "e", "id": "k"}).to_string()).await;
+    b.post("/v1/publish", serde_json::json!({"user": "m", "event": "e", "id": "k"}).to_string()).await;
+    let (_, stats) = b.get("/v1/stats").await;
+    let held: u64 =
+        stats["shards"].as_array().unwrap().iter().map(|s| s["history_bytes"].as_u64().unwrap()).sum();
+    assert!(held > 0);
+    let value = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let mut last = String::new();
+    for _ in 0..200 {
+        let (_, text) = b.get_text("/metrics").await;
+        if value(&text, "switchyard_history_bytes") == held as f64
+            && value(&text, "switchyard_latency_seconds_count") >= 100.0
+        {
+            assert_eq!(value(&text, "switchyard_history_events"), 101.0);
+            assert_eq!(value(&text, "switchyard_duplicate_publishes_total"), 1.0);
+            b.stop().await;
+            return;
+        }
+        last = text;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("metrics never caught up with the shards: {last}");
 }

@@ -205,6 +205,8 @@ async fn websocket_and_sse_connections_of_one_user_get_the_same_stream() {
     assert_eq!(over_ws, over_sse, "the same JSON objects, in the same order");
     let (_, stats) = b.get("/v1/stats").await;
     assert_eq!(stats["connections"], 2);
+    assert_eq!(stats["sse_connections"], 1);
+    assert_eq!(stats["events"]["delivered"], 100, "both transports count in delivered");
     b.stop().await;
 }
 
