@@ -186,3 +186,34 @@ async fn api_over_tls_with_api_tls_flags() {
     assert!(!String::from_utf8_lossy(&junk).contains("200 OK"));
     b.stop().await;
 }
+
+#[tokio::test]
+async fn sse_streams_work_through_tls() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cert = TestCert::new();
+    let b = TestBroker::with(|c| c.tls = Some(cert.files()));
+    let tcp = TcpStream::connect(b.client).await.expect("connect");
+    let name = ServerName::try_from("localhost").expect("server name");
+    let mut tls = tokio::time::timeout(WAIT, cert.connector().connect(name, tcp))
+        .await
+        .expect("TLS handshake in time")
+        .expect("TLS handshake");
+    tls.write_all(b"GET /sse?user=ssetls HTTP/1.1\r\nHost: localhost\r\n\r\n").await.expect("write");
+    let mut got = Vec::new();
+    let mut published = false;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !String::from_utf8_lossy(&got).contains("event: over_tls") {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, tls.read(&mut chunk)).await.expect("in time").expect("read");
+        assert!(n > 0, "stream ended: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+        if !published && String::from_utf8_lossy(&got).contains("event: welcome") {
+            b.publish("ssetls", "over_tls", json!(1)).await;
+            published = true;
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream"), "{text}");
+    assert!(text.contains(":1\nevent: over_tls\ndata: {"), "{text}");
+    b.stop().await;
+}
