@@ -40,6 +40,24 @@ struct Claims {
     sub: Option<String>,
 }
 
+/// Mints an HS256 token this broker accepts for `user`, valid for `ttl`
+/// (`sub`, `iat`, `exp`), as `switchyard token` prints it.
+pub fn mint(
+    secret: &[u8],
+    user: &UserId,
+    ttl: std::time::Duration,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let claims =
+        serde_json::json!({"sub": user.as_str(), "iat": now, "exp": now.saturating_add(ttl.as_secs())});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+}
+
 /// Decides who a client is.
 #[derive(Clone)]
 pub enum Authenticator {
@@ -123,6 +141,17 @@ mod tests {
         let t = token(serde_json::json!({"sub": "alice", "exp": now() + 60}), b"s3cret");
         let creds = Credentials { query_user: Some("mallory"), query_token: Some(&t), ..Default::default() };
         assert_eq!(a.authenticate(&creds).unwrap().as_str(), "alice");
+    }
+
+    #[test]
+    fn minted_tokens_are_accepted() {
+        let a = Authenticator::new(Some(b"s3cret"));
+        let user = UserId::parse("carol").unwrap();
+        let t = mint(b"s3cret", &user, std::time::Duration::from_secs(60)).unwrap();
+        let creds = Credentials { query_token: Some(&t), ..Default::default() };
+        assert_eq!(a.authenticate(&creds).unwrap(), user);
+        let other = Authenticator::new(Some(b"other"));
+        assert!(other.authenticate(&creds).is_err());
     }
 
     #[test]

@@ -126,6 +126,14 @@ fn boot_id() -> Result<String, StartError> {
     Ok(out)
 }
 
+/// Checks everything start-up checks beyond the flags themselves (the TLS
+/// files), without binding or starting anything: `switchyard check-config`.
+pub fn validate(config: &Config) -> Result<(), StartError> {
+    config.tls.as_ref().map(listener::tls::acceptor).transpose()?;
+    config.api_tls.as_ref().map(listener::tls::acceptor).transpose()?;
+    Ok(())
+}
+
 /// Starts a broker: binds both listeners, spawns the shards and the I/O runtime.
 pub fn start(config: Config) -> Result<Running, StartError> {
     let tls = config.tls.as_ref().map(listener::tls::acceptor).transpose()?;

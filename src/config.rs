@@ -26,7 +26,13 @@ pub enum LogFormat {
 /// Durations are written like 500ms, 25s, 5m; sizes are bytes or take a
 /// KiB/MiB suffix.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "switchyard", version, about, long_about = None)]
+#[command(
+    name = "switchyard",
+    version,
+    about,
+    long_about = None,
+    after_help = "Subcommands:\n  switchyard token --user ID [--ttl 1h] (--jwt-secret S | --jwt-secret-file F)\n      print an HS256 client token this broker accepts\n  switchyard check-config [flags]\n      validate flags and files as start-up does, exit 0 or 2, without listening"
+)]
 pub struct Flags {
     /// Client listener: GET /ws (WebSocket) and GET /healthz.
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:8080")]

@@ -22,6 +22,7 @@
 pub mod auth;
 pub mod batch;
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod fdlimit;

@@ -1,4 +1,5 @@
-//! The `switchyard` binary: flags → Config → start → run until a signal.
+//! The `switchyard` binary: flags → Config → start → run until a signal;
+//! or one of the operator subcommands (`token`, `check-config`: [`switchyard::cli`]).
 
 use std::process::ExitCode;
 
@@ -9,6 +10,12 @@ use switchyard::config::{Config, Flags, LogFormat};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some("token") => return switchyard::cli::token(&args[1..]),
+        Some("check-config") => return switchyard::cli::check_config(&args[1..]),
+        _ => {}
+    }
     let flags = Flags::parse(); // exits 2 with a message naming the flag on bad values
     init_logs(flags.log_format);
     let config = match Config::from_flags(flags) {

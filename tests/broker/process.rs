@@ -102,3 +102,64 @@ async fn sigterm_closes_every_client_with_1001_and_exits_0() {
     };
     assert_eq!(status.and_then(|s| s.code()), Some(0), "exit status after SIGTERM");
 }
+
+#[tokio::test]
+async fn token_subcommand_mints_a_token_the_broker_accepts() {
+    let out = Command::new(BIN)
+        .args(["token", "--user", "carol", "--ttl", "5m", "--jwt-secret", "s3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let (mut child, client, _api) = spawn_binary(&["--jwt-secret", "s3"]);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{client}/ws?token={token}")).await.expect("accepted");
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(welcome["user"], "carol");
+    // A secret file works the same; bad input exits 2 naming the flag.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), "s3\n").unwrap();
+    let file = dir.path().join("secret").display().to_string();
+    let out =
+        Command::new(BIN).args(["token", "--user", "carol", "--jwt-secret-file", &file]).output().unwrap();
+    assert!(out.status.success());
+    for (args, flag) in [
+        (vec!["token", "--user", "bad user", "--jwt-secret", "s"], "--user"),
+        (vec!["token", "--user", "u", "--ttl", "soon", "--jwt-secret", "s"], "--ttl"),
+        (vec!["token", "--user", "u"], "--jwt-secret"),
+        (vec!["token", "--user", "u", "--jwt-secret-file", "/nonexistent/secret"], "--jwt-secret-file"),
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(flag), "{args:?}");
+    }
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+}
+
+#[test]
+fn check_config_validates_like_start_up_without_listening() {
+    // The port is taken: a broker could not start, but check-config does not bind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(BIN).args(["check-config", "--listen", &addr, "--shards", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration OK"));
+    for (args, flag) in [
+        (vec!["check-config", "--listen", "0.0.0.0:0"], "--listen"),
+        (vec!["check-config", "--max-queue-bytes", "10"], "--max-queue-bytes"),
+        (
+            vec!["check-config", "--tls-cert", "/nonexistent/c.pem", "--tls-key", "/nonexistent/k.pem"],
+            "--tls-cert",
+        ),
+        (vec!["check-config", "--ping-interval", "soon"], "--ping-interval"),
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(flag),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

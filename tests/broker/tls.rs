@@ -204,7 +204,8 @@ async fn sse_streams_work_through_tls() {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !String::from_utf8_lossy(&got).contains("event: over_tls") {
         let mut chunk = [0u8; 4096];
-        let n = tokio::time::timeout_at(deadline, tls.read(&mut chunk)).await.expect("in time").expect("read");
+        let n =
+            tokio::time::timeout_at(deadline, tls.read(&mut chunk)).await.expect("in time").expect("read");
         assert!(n > 0, "stream ended: {}", String::from_utf8_lossy(&got));
         got.extend_from_slice(&chunk[..n]);
         if !published && String::from_utf8_lossy(&got).contains("event: welcome") {
