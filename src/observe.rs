@@ -16,6 +16,10 @@ use crate::metrics::{read, Latency, Percentiles};
 use crate::protocol::Priority;
 use crate::shard::{Command, ShardSnapshot};
 
+/// `GET /dashboard`: one static page, compiled in (no CDN, no external
+/// fonts or scripts); everything it shows it reads from `/v1/stats`.
+pub const DASHBOARD_HTML: &str = include_str!("observe/dashboard.html");
+
 /// How long an operator view waits for a shard's answer (a shard that is
 /// shutting down no longer answers).
 const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);

@@ -187,6 +187,24 @@ fn publish_error(e: &PublishError) -> Response<Body> {
     error(e.status(), e.code(), &e.to_string())
 }
 
+/// The operator page: served without the key (it asks for it and sends it
+/// as a Bearer header on its own same-origin requests); scripts and styles
+/// are inline, and the policy allows nothing else.
+fn dashboard() -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from_static(observe::DASHBOARD_HTML.as_bytes())));
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(hyper::header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        hyper::header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'",
+        ),
+    );
+    r
+}
+
 fn text(content_type: &'static str, body: String) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -224,6 +242,7 @@ async fn route(
         (&Method::GET, "/metrics") => {
             text("text/plain; version=0.0.4; charset=utf-8", observe::prometheus(&shared))
         }
+        (&Method::GET, "/dashboard") => dashboard(),
         (&Method::GET, "/debug/histograms") => {
             let reset = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "reset=1"));
             text("text/plain; charset=utf-8", observe::hgrm_text(&shared, reset).await)
@@ -233,7 +252,8 @@ async fn route(
         }
         (
             _,
-            "/v1/publish" | "/v1/publish/batch" | "/v1/broadcast" | "/v1/stream" | "/v1/stats" | "/metrics",
+            "/v1/publish" | "/v1/publish/batch" | "/v1/broadcast" | "/v1/stream" | "/v1/stats" | "/metrics"
+            | "/dashboard",
         ) => error(405, "method_not_allowed", "wrong method for this endpoint"),
         _ => error(404, "not_found", "no such endpoint"),
     };
