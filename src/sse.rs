@@ -39,7 +39,19 @@ pub fn head(allow_origin: Option<&str>) -> Bytes {
 
 /// A message with an `event:` name and one `data:` line of JSON.
 pub fn message(event: &str, json: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(json.len() + event.len() + 16);
+    encode(None, event, json)
+}
+
+/// One message: `id: <epoch>:<seq>` (if given), `event:`, `data:`.
+fn encode(id: Option<(&str, u64)>, event: &str, json: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(json.len() + event.len() + 48);
+    if let Some((epoch, seq)) = id {
+        out.extend_from_slice(b"id: ");
+        out.extend_from_slice(epoch.as_bytes());
+        out.push(b':');
+        out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+        out.push(b'\n');
+    }
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(event.as_bytes());
     out.extend_from_slice(b"\ndata: ");
@@ -59,20 +71,7 @@ pub fn close(code: u16, reason: &str) -> Bytes {
 /// `id: <epoch>:<seq>`, `event: <name>`, `data: <the frame's JSON>`.
 pub fn event(epoch: &str, seq: u64, ws_frame: &[u8]) -> Bytes {
     let json = wsframe::payload(ws_frame);
-    let name = event_name(json).unwrap_or("event");
-    let mut seq_buf = itoa::Buffer::new();
-    let seq = seq_buf.format(seq);
-    let mut out = Vec::with_capacity(json.len() + epoch.len() + name.len() + 40);
-    out.extend_from_slice(b"id: ");
-    out.extend_from_slice(epoch.as_bytes());
-    out.push(b':');
-    out.extend_from_slice(seq.as_bytes());
-    out.extend_from_slice(b"\nevent: ");
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\ndata: ");
-    out.extend_from_slice(json);
-    out.extend_from_slice(b"\n\n");
-    Bytes::from(out)
+    encode(Some((epoch, seq)), event_name(json).unwrap_or("event"), json)
 }
 
 /// The `event` field of an event frame's JSON. Our encoder writes `type`

@@ -112,6 +112,22 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Waits (bounded) for the broker's open files to return to `fd0`, then
+/// checks its RSS is within 32 MiB of `rss0`.
+async fn assert_back_to_baseline(pid: u32, fd0: usize, rss0: u64) {
+    let mut back = false;
+    for _ in 0..500 {
+        if fd_count(pid) <= fd0 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(back, "file descriptors back to baseline: {} vs {fd0}", fd_count(pid));
+    let rss1 = rss_kib(pid);
+    assert!(rss1 < rss0 + 32 * 1024, "memory back near baseline: {rss0} KiB → {rss1} KiB");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_flood_leaves_nothing_behind() {
     const FLOOD: usize = 20_000;
@@ -156,18 +172,8 @@ async fn a_connection_flood_leaves_nothing_behind() {
         t.await.unwrap();
     }
     settle(0).await; // every connection gone, every idle user swept
-    let mut fds_back = false;
-    for _ in 0..500 {
-        if fd_count(pid) <= fd0 {
-            fds_back = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(fds_back, "file descriptors back to baseline: {} vs {fd0}", fd_count(pid));
-    let rss1 = rss_kib(pid);
-    // 20,000 leaked connections would hold > 160 MiB of read buffers alone.
-    assert!(rss1 < rss0 + 32 * 1024, "memory back near baseline: {rss0} KiB → {rss1} KiB");
+                     // 20,000 leaked connections would hold > 160 MiB of read buffers alone.
+    assert_back_to_baseline(pid, fd0, rss0).await;
     // Still serving.
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{client}/ws?user=after")).await.unwrap();
     assert_eq!(next_json(&mut ws).await["type"], "welcome");
@@ -232,17 +238,7 @@ async fn a_flood_of_half_open_api_and_silent_client_sockets_leaves_nothing_behin
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(next_json(&mut ws).await["type"], "event");
     drop(ws);
-    let mut back = false;
-    for _ in 0..500 {
-        if fd_count(pid) <= fd0 {
-            back = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(back, "file descriptors back to baseline: {} vs {fd0}", fd_count(pid));
-    let rss1 = rss_kib(pid);
-    assert!(rss1 < rss0 + 32 * 1024, "memory back near baseline: {rss0} KiB → {rss1} KiB");
+    assert_back_to_baseline(pid, fd0, rss0).await;
     Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;
 }

@@ -49,13 +49,21 @@ impl TestCert {
     }
 }
 
-async fn connect_wss(b: &TestBroker, cert: &TestCert, user: &str) -> Wss {
-    let tcp = TcpStream::connect(b.client).await.expect("connect");
+/// A TLS session with `addr` that trusts `cert` for `localhost`.
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    cert: &TestCert,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
     let name = ServerName::try_from("localhost").expect("server name");
-    let tls = tokio::time::timeout(WAIT, cert.connector().connect(name, tcp))
+    tokio::time::timeout(WAIT, cert.connector().connect(name, tcp))
         .await
         .expect("TLS handshake in time")
-        .expect("TLS handshake");
+        .expect("TLS handshake")
+}
+
+async fn connect_wss(b: &TestBroker, cert: &TestCert, user: &str) -> Wss {
+    let tls = tls_connect(b.client, cert).await;
     let url = format!("wss://localhost/ws?user={user}");
     let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(url, tls))
         .await
@@ -161,12 +169,7 @@ async fn api_over_tls_with_api_tls_flags() {
         c.api_tls = Some(files);
     });
     let (mut ws, _) = b.connect("apitls").await;
-    let tcp = TcpStream::connect(b.api).await.expect("connect");
-    let name = ServerName::try_from("localhost").expect("server name");
-    let mut tls = tokio::time::timeout(WAIT, cert.connector().connect(name, tcp))
-        .await
-        .expect("TLS handshake in time")
-        .expect("TLS handshake");
+    let mut tls = tls_connect(b.api, &cert).await;
     let body = json!({"user": "apitls", "event": "over_tls"}).to_string();
     let req = format!(
         "POST /v1/publish HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -192,12 +195,7 @@ async fn sse_streams_work_through_tls() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cert = TestCert::new();
     let b = TestBroker::with(|c| c.tls = Some(cert.files()));
-    let tcp = TcpStream::connect(b.client).await.expect("connect");
-    let name = ServerName::try_from("localhost").expect("server name");
-    let mut tls = tokio::time::timeout(WAIT, cert.connector().connect(name, tcp))
-        .await
-        .expect("TLS handshake in time")
-        .expect("TLS handshake");
+    let mut tls = tls_connect(b.client, &cert).await;
     tls.write_all(b"GET /sse?user=ssetls HTTP/1.1\r\nHost: localhost\r\n\r\n").await.expect("write");
     let mut got = Vec::new();
     let mut published = false;
