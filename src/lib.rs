@@ -25,6 +25,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod connection;
+pub mod engine;
 pub mod fdlimit;
 pub mod histdump;
 pub mod listener;
