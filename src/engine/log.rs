@@ -452,7 +452,7 @@ mod tests {
         assert!(rec.records.is_empty());
         let mut positions = Vec::new();
         for i in 0..10u8 {
-            positions.push(log.append(i % 3, &vec![i; 30]));
+            positions.push(log.append(i % 3, &[i; 30]));
         }
         let b = log.commit().unwrap();
         wait_done(&log, b);
