@@ -5,6 +5,7 @@
 //! (an `ArcSwap`), the per-shard rings and counters, and the live-connection
 //! count. It is what every thread holds an `Arc` of.
 
+use std::fs::File;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::engine::datadir::DataDir;
 use crate::listener;
 use crate::metrics::{ApiErrors, Latency};
 use crate::redact::Redactor;
@@ -39,6 +41,8 @@ pub struct Shared {
     pub redactor: Redactor,
     pub auth: Authenticator,
     pub api_errors: ApiErrors,
+    /// With `--data-dir`: whether the broker that last used it stopped cleanly.
+    pub store_was_clean: bool,
 }
 
 impl Shared {
@@ -76,6 +80,12 @@ pub enum StartError {
     Tls(#[from] crate::listener::tls::TlsError),
     #[error("cannot read random bits from the operating system: {0}")]
     Random(getrandom::Error),
+    #[error(transparent)]
+    DataDir(#[from] crate::engine::datadir::DataDirError),
+    #[error("--data-dir is not set")]
+    NoDataDir,
+    #[error("--data-dir {path}: it holds {found} shards' logs, but --shards is {want}; start with --shards {found}")]
+    ShardCount { path: std::path::PathBuf, found: usize, want: usize },
 }
 
 impl StartError {
@@ -83,7 +93,10 @@ impl StartError {
     /// for refused configurations), 1 when the environment failed us.
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartError::Tls(_) => 2,
+            StartError::Tls(_)
+            | StartError::DataDir(_)
+            | StartError::ShardCount { .. }
+            | StartError::NoDataDir => 2,
             StartError::BindClient { .. }
             | StartError::BindApi { .. }
             | StartError::Random(_)
@@ -105,6 +118,8 @@ pub struct Running {
     api_open: listener::api::OpenConnections,
     shards: Vec<JoinHandle<Option<Latency>>>,
     io: Option<tokio::runtime::Runtime>,
+    /// The locked `--data-dir`, marked clean after the shards close their logs.
+    data_dir: Option<DataDir>,
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -127,11 +142,73 @@ fn boot_id() -> Result<String, StartError> {
 }
 
 /// Checks everything start-up checks beyond the flags themselves (the TLS
-/// files), without binding or starting anything: `switchyard check-config`.
+/// files, the data directory), without binding or starting anything:
+/// `switchyard check-config`.
 pub fn validate(config: &Config) -> Result<(), StartError> {
     config.tls.as_ref().map(listener::tls::acceptor).transpose()?;
     config.api_tls.as_ref().map(listener::tls::acceptor).transpose()?;
+    if config.data.is_some() {
+        drop(open_data_dir(config)?);
+    }
     Ok(())
+}
+
+/// Opens and locks `--data-dir`, and reads (or, the first time, writes) its
+/// routing: the shard count and the routing hash keys it was written with.
+/// Each shard has its own log, so a user must hash to the same shard after a
+/// restart; another `--shards` is refused.
+fn open_data_dir(config: &Config) -> Result<(DataDir, [u64; 4]), StartError> {
+    let Some(data) = &config.data else { return Err(StartError::NoDataDir) };
+    let dir = DataDir::open(&data.dir)?;
+    let file = data.dir.join("ROUTING");
+    let not_writable = |source| {
+        StartError::DataDir(crate::engine::datadir::DataDirError::NotWritable {
+            path: data.dir.clone(),
+            source,
+        })
+    };
+    let parse = |text: &str| -> Option<(usize, [u64; 4])> {
+        let mut lines = text.lines();
+        let shards = lines.next()?.strip_prefix("shards=")?.parse().ok()?;
+        let keys: Vec<u64> = lines
+            .next()?
+            .strip_prefix("keys=")?
+            .split(',')
+            .filter_map(|k| u64::from_str_radix(k, 16).ok())
+            .collect();
+        Some((shards, keys.try_into().ok()?))
+    };
+    match std::fs::read_to_string(&file) {
+        Ok(text) => {
+            let (found, keys) = parse(&text).ok_or_else(|| {
+                not_writable(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "its ROUTING file is damaged",
+                ))
+            })?;
+            if found != config.shards {
+                return Err(StartError::ShardCount { path: data.dir.clone(), found, want: config.shards });
+            }
+            Ok((dir, keys))
+        }
+        Err(_) => {
+            let mut keys = [0u64; 4];
+            for k in &mut keys {
+                *k = getrandom::u64().map_err(StartError::Random)?;
+            }
+            let text = format!(
+                "shards={}\nkeys={:x},{:x},{:x},{:x}\n",
+                config.shards, keys[0], keys[1], keys[2], keys[3]
+            );
+            let tmp = data.dir.join("ROUTING.tmp");
+            std::fs::write(&tmp, text)
+                .and_then(|()| File::open(&tmp)?.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, &file))
+                .and_then(|()| crate::engine::datadir::sync_dir(&data.dir))
+                .map_err(not_writable)?;
+            Ok((dir, keys))
+        }
+    }
 }
 
 /// Starts a broker: binds both listeners, spawns the shards and the I/O runtime.
@@ -139,6 +216,14 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     let tls = config.tls.as_ref().map(listener::tls::acceptor).transpose()?;
     let api_tls = config.api_tls.as_ref().map(listener::tls::acceptor).transpose()?;
     let boot = boot_id()?;
+    let (data_dir, routing_keys) = match config.data {
+        Some(_) => {
+            let (d, k) = open_data_dir(&config)?;
+            (Some(d), Some(k))
+        }
+        None => (None, None),
+    };
+    let store_was_clean = data_dir.as_ref().is_some_and(DataDir::was_clean);
     let client =
         bind(config.listen).map_err(|source| StartError::BindClient { addr: config.listen, source })?;
     let api =
@@ -149,13 +234,17 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     let shards: Box<[ShardHandle]> =
         (0..config.shards).map(|i| ShardHandle::new(i, config.ring_capacity)).collect();
     let shared = Arc::new(Shared {
-        router: Router::new(RoutingTable::uniform(config.shards)),
+        router: match routing_keys {
+            Some(keys) => Router::with_seed(RoutingTable::uniform(config.shards), keys),
+            None => Router::new(RoutingTable::uniform(config.shards)),
+        },
         shards,
         live: AtomicUsize::new(0),
         boot,
         redactor: Redactor::new(config.redact_keys.clone()),
         auth: Authenticator::new(config.jwt_secret.as_deref()),
         api_errors: ApiErrors::default(),
+        store_was_clean,
         config,
     });
     let shutdown = CancellationToken::new();
@@ -202,7 +291,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         shards = shared.shards.len(),
         "switchyard listening"
     );
-    Ok(Running { client_addr, api_addr, shared, shutdown, api_open, shards: threads, io: Some(io) })
+    Ok(Running { client_addr, api_addr, shared, shutdown, api_open, shards: threads, io: Some(io), data_dir })
 }
 
 impl Running {
@@ -231,9 +320,22 @@ impl Running {
             std::time::Instant::now() + self.shared.config.drain_timeout.min(Duration::from_millis(200));
         stop_shards(&self.shared, deadline.max(floor));
         let mut merged = Latency::default();
+        let mut all_closed = true;
         for t in self.shards.drain(..) {
-            if let Ok(Some(l)) = t.join() {
-                merged.merge(&l);
+            match t.join() {
+                Ok(Some(l)) => merged.merge(&l),
+                _ => all_closed = false,
+            }
+        }
+        let store_failed =
+            self.shared.shards.iter().any(|h| crate::metrics::read(&h.metrics.store_failed) > 0);
+        if let Some(dir) = self.data_dir.take() {
+            if all_closed && !store_failed {
+                if let Err(e) = dir.mark_clean() {
+                    tracing::error!(error = %e, "could not mark the data directory clean");
+                }
+            } else {
+                tracing::warn!("a shard's log did not close cleanly: the next start counts as after a crash");
             }
         }
         if let Some(io) = self.io.take() {

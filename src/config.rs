@@ -160,6 +160,21 @@ pub struct Flags {
     #[arg(long, env = "SWITCHYARD_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// Keep every user's seq, epoch, history and idempotency keys on disk in
+    /// this directory (created if missing), so a restart loses nothing.
+    #[arg(long, env = "SWITCHYARD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// With --data-dir: `always` (answer and deliver only after fsync;
+    /// group-committed), a duration such as `100ms` (fsync at least that
+    /// often), or `never` (leave it to the OS). Default: always.
+    #[arg(long, env = "SWITCHYARD_FSYNC", value_parser = parse_fsync)]
+    pub fsync: Option<Fsync>,
+
+    /// With --data-dir: size at which a shard's log starts a new segment file.
+    #[arg(long, env = "SWITCHYARD_SEGMENT_SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub segment_size: usize,
+
     /// Allow --echo-path on a non-loopback --listen (it needs no auth and
     /// takes 16 MiB messages, so it is refused there by default).
     #[arg(long, env = "SWITCHYARD_ALLOW_PUBLIC_ECHO")]
@@ -183,6 +198,27 @@ pub struct Flags {
     pub log_format: LogFormat,
 }
 
+/// When the disk engine syncs (`--fsync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    Always,
+    Every(Duration),
+    Never,
+}
+
+/// Parses `always`, `never` or a duration.
+pub fn parse_fsync(raw: &str) -> Result<Fsync, String> {
+    match raw.trim() {
+        "always" => Ok(Fsync::Always),
+        "never" => Ok(Fsync::Never),
+        other => match parse_duration(other) {
+            Ok(d) if !d.is_zero() => Ok(Fsync::Every(d)),
+            Ok(_) => Err("use always, never, or a duration above zero (e.g. 100ms)".into()),
+            Err(_) => Err(format!("{other:?} is not always, never or a duration (e.g. 100ms)")),
+        },
+    }
+}
+
 /// A refused configuration, naming the flag responsible.
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -198,6 +234,10 @@ pub enum ConfigError {
     EmptyApiKey,
     #[error("--{flag} {value:?} is longer than the most it accepts ({max:?})")]
     TooLong { flag: &'static str, value: Duration, max: Duration },
+    #[error("--fsync needs --data-dir (without it nothing is written to disk)")]
+    FsyncWithoutDataDir,
+    #[error("--segment-size must be between 64KiB and 1GiB")]
+    SegmentSize,
     #[error("--max-payload {0} is over the most accepted (16 MiB)")]
     PayloadTooLarge(usize),
     #[error("--max-queue-bytes must be at least --max-payload plus 64 bytes, or no event could be queued")]
@@ -257,7 +297,17 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Certificate chain and key files for TLS on the API listener.
     pub api_tls: Option<TlsFiles>,
+    /// `--data-dir`, with its sync policy and segment size.
+    pub data: Option<DataConfig>,
     pub log_format: LogFormat,
+}
+
+/// The disk engine's settings.
+#[derive(Debug, Clone)]
+pub struct DataConfig {
+    pub dir: PathBuf,
+    pub fsync: Fsync,
+    pub segment_size: u64,
 }
 
 /// The PEM files named by `--tls-cert` and `--tls-key` (read at start-up).
@@ -317,6 +367,12 @@ impl Config {
         if f.history_memory == 0 {
             return Err(ConfigError::Zero { flag: "history-memory" });
         }
+        if f.fsync.is_some() && f.data_dir.is_none() {
+            return Err(ConfigError::FsyncWithoutDataDir);
+        }
+        if !(64 << 10..=1 << 30).contains(&f.segment_size) {
+            return Err(ConfigError::SegmentSize);
+        }
         if f.echo_path.is_some() && !f.listen.ip().is_loopback() && !f.allow_public_echo {
             return Err(ConfigError::PublicEcho(f.listen));
         }
@@ -373,6 +429,11 @@ impl Config {
             hist_interval: f.hist_interval,
             echo_path: f.echo_path,
             tls: f.tls_cert.zip(f.tls_key).map(|(cert, key)| TlsFiles { cert, key, flag: "tls" }),
+            data: f.data_dir.map(|dir| DataConfig {
+                dir,
+                fsync: f.fsync.unwrap_or(Fsync::Always),
+                segment_size: f.segment_size as u64,
+            }),
             api_tls: f.api_tls_cert.zip(f.api_tls_key).map(|(cert, key)| TlsFiles {
                 cert,
                 key,

@@ -67,6 +67,14 @@ pub struct ShardMetrics {
     pub history_evicted: CachePadded<AtomicU64>,
     /// Publishes answered as duplicates of an accepted idempotency key.
     pub duplicates: CachePadded<AtomicU64>,
+    /// With `--data-dir`: bytes and segment files of this shard's log
+    /// (gauges), syncs done and the microseconds they took, and whether the
+    /// log failed or did not close cleanly (0 or 1).
+    pub store_bytes: CachePadded<AtomicU64>,
+    pub store_segments: CachePadded<AtomicU64>,
+    pub store_syncs: CachePadded<AtomicU64>,
+    pub store_sync_us: CachePadded<AtomicU64>,
+    pub store_failed: CachePadded<AtomicU64>,
 }
 
 impl Default for ShardMetrics {
@@ -89,6 +97,11 @@ impl Default for ShardMetrics {
             history_events: counter(),
             history_evicted: counter(),
             duplicates: counter(),
+            store_bytes: counter(),
+            store_segments: counter(),
+            store_syncs: counter(),
+            store_sync_us: counter(),
+            store_failed: counter(),
         }
     }
 }

@@ -87,6 +87,13 @@ pub async fn stats(shared: &Shared) -> serde_json::Value {
             "history_events": snap.history_events,
             "history_bytes": snap.history_bytes,
             "history_evicted": read(&m.history_evicted),
+            "store": {
+                "bytes": read(&m.store_bytes),
+                "segments": read(&m.store_segments),
+                "fsyncs": read(&m.store_syncs),
+                "fsync_us_total": read(&m.store_sync_us),
+                "failed": read(&m.store_failed) > 0,
+            },
             "duplicates": read(&m.duplicates),
             "published": read(&m.published),
             "delivered": read(&m.delivered),
@@ -107,7 +114,22 @@ pub async fn stats(shared: &Shared) -> serde_json::Value {
             )
         })
         .collect();
+    let store = shared.config.data.as_ref().map(|d| {
+        let sum = |f: &dyn Fn(&crate::metrics::ShardMetrics) -> u64| -> u64 {
+            shared.shards.iter().map(|h| f(&h.metrics)).sum()
+        };
+        let (syncs, us) = (sum(&|m| read(&m.store_syncs)), sum(&|m| read(&m.store_sync_us)));
+        serde_json::json!({
+            "dir": d.dir.display().to_string(),
+            "fsync": format!("{:?}", d.fsync).to_lowercase(),
+            "bytes": sum(&|m| read(&m.store_bytes)),
+            "segments": sum(&|m| read(&m.store_segments)),
+            "fsyncs": syncs,
+            "fsync_mean_us": if syncs == 0 { 0.0 } else { us as f64 / syncs as f64 },
+        })
+    });
     serde_json::json!({
+        "store": store,
         "connections": shared.live_connections(),
         "sse_connections": shared.shards.iter().map(|h| read(&h.metrics.sse_connections)).sum::<u64>(),
         "users": shared.shards.iter().map(|h| read(&h.metrics.users)).sum::<u64>(),
@@ -221,6 +243,33 @@ pub fn prometheus(shared: &Shared) -> String {
         "counter",
         "Held events evicted to stay within --history-memory.",
         per_shard(&|m| read(&m.history_evicted)),
+    );
+    family(
+        "store_bytes",
+        "gauge",
+        "Bytes of the shard's log on disk (--data-dir).",
+        per_shard(&|m| read(&m.store_bytes)),
+    );
+    family(
+        "store_segments",
+        "gauge",
+        "Segment files of the shard's log.",
+        per_shard(&|m| read(&m.store_segments)),
+    );
+    family(
+        "store_fsyncs_total",
+        "counter",
+        "Syncs of the shard's log.",
+        per_shard(&|m| read(&m.store_syncs)),
+    );
+    family(
+        "store_fsync_seconds_total",
+        "counter",
+        "Time spent in those syncs.",
+        shards
+            .iter()
+            .map(|h| (format!("{{shard=\"{}\"}}", h.id), read(&h.metrics.store_sync_us) as f64 / 1e6))
+            .collect(),
     );
     family(
         "duplicate_publishes_total",

@@ -53,14 +53,22 @@ impl RoutingTable {
 /// The shared, lock-free handle to the current routing table.
 pub struct Router {
     table: ArcSwap<RoutingTable>,
-    /// Seeded once per process, so routing is stable for the process's life
-    /// and user IDs cannot be chosen to pile onto one shard.
+    /// Seeded with secret random keys, so user IDs cannot be chosen to pile
+    /// onto one shard; with `--data-dir` the keys are kept there, so a user
+    /// hashes to the same shard (and its log) after a restart.
     hasher: ahash::RandomState,
 }
 
 impl Router {
+    /// A router with fresh random keys (no routing outlives the process).
     pub fn new(table: RoutingTable) -> Self {
         Router { table: ArcSwap::from_pointee(table), hasher: ahash::RandomState::new() }
+    }
+
+    /// A router whose hash keys are `seed` (kept by the caller across restarts).
+    pub fn with_seed(table: RoutingTable, seed: [u64; 4]) -> Self {
+        let hasher = ahash::RandomState::with_seeds(seed[0], seed[1], seed[2], seed[3]);
+        Router { table: ArcSwap::from_pointee(table), hasher }
     }
 
     /// The slot a user hashes to.
@@ -99,6 +107,17 @@ mod tests {
             counts[s] += 1;
         }
         assert!(counts.iter().all(|&c| c > 700), "{counts:?}");
+    }
+
+    #[test]
+    fn a_kept_seed_routes_the_same_in_every_process() {
+        let seed = [1, 2, 3, 4];
+        let a = Router::with_seed(RoutingTable::uniform(8), seed);
+        let b = Router::with_seed(RoutingTable::uniform(8), seed);
+        for i in 0..1000 {
+            let u = UserId::parse(&format!("user-{i}")).unwrap();
+            assert_eq!(a.shard_for(&u), b.shard_for(&u));
+        }
     }
 
     #[test]

@@ -192,6 +192,8 @@ pub struct Log {
     segment_bytes: u64,
     current: u64,
     current_len: u64,
+    /// Bytes of every segment on disk (or about to be), by index.
+    sizes: BTreeMap<u64, u64>,
     /// Records appended this pass, by segment.
     pending: Vec<(u64, Vec<u8>)>,
     next_batch: u64,
@@ -219,10 +221,16 @@ impl Log {
                 .name(name.to_string())
                 .spawn(move || syncer(dir, policy, rx, progress))?
         };
+        let mut sizes = BTreeMap::new();
+        for &index in &recovered.segments {
+            let len = std::fs::metadata(dir.join(segment_name(index))).map(|m| m.len()).unwrap_or(0);
+            sizes.insert(index, len);
+        }
         let log = Log {
             segment_bytes: segment_bytes.max(HEADER as u64 + 1),
             current,
             current_len: recovered.tail_len,
+            sizes,
             pending: Vec::new(),
             next_batch: 1,
             jobs,
@@ -247,7 +255,23 @@ impl Log {
             encode(buf, kind, payload);
         }
         self.current_len += size;
+        *self.sizes.entry(self.current).or_insert(0) += size;
         pos
+    }
+
+    /// Whether records were appended since the last commit.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// The number the next [`Log::commit`] will give its batch.
+    pub fn next_batch(&self) -> u64 {
+        self.next_batch
+    }
+
+    /// Bytes on disk (counting what is being written) and segment files.
+    pub fn disk_usage(&self) -> (u64, usize) {
+        (self.sizes.values().sum(), self.sizes.len())
     }
 
     /// Hands this pass's records to the syncer as one batch; returns its
@@ -302,6 +326,7 @@ impl Log {
     /// Deletes a segment nothing holds any more (never the current one).
     pub fn remove_segment(&mut self, index: u64) {
         if index < self.current {
+            self.sizes.remove(&index);
             let _ = self.jobs.send(Job::Remove(index));
         }
     }
@@ -309,6 +334,12 @@ impl Log {
     /// Commits what is pending, waits for the syncer to finish everything
     /// (syncing it whatever the policy) and stops it.
     pub fn close(mut self) -> io::Result<()> {
+        self.finish()
+    }
+
+    /// [`Log::close`] for a log that cannot be moved out of its owner;
+    /// nothing may be appended afterwards.
+    pub fn finish(&mut self) -> io::Result<()> {
         self.commit();
         let _ = self.jobs.send(Job::Stop);
         if let Some(t) = self.thread.take() {

@@ -6,11 +6,13 @@
 //! pushing a [`Command`] into its [`Ring`]. Submodules: `ring` (the inbox),
 //! `reactor` (the loop that applies commands), `history` (per-user resume
 //! buffer), `budget` (the shard's share of `--history-memory`),
-//! `idempotency` (per-user publish keys).
+//! `idempotency` (per-user publish keys), `persist` (the disk engine's
+//! shard side, with `--data-dir`).
 
 pub mod budget;
 pub mod history;
 pub mod idempotency;
+pub mod persist;
 pub mod reactor;
 pub mod ring;
 

@@ -25,6 +25,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
@@ -34,12 +35,14 @@ use crate::connection::{self, Conn, Enqueued, Outbound};
 use crate::metrics::{bump, Latency};
 use crate::protocol::{self, PreparedEvent, Priority, UserId, Welcome};
 use crate::shard::budget::{Budget, Stored};
-use crate::shard::history::{self, Held, History, Replay};
+use crate::shard::history::{self, Held as Held2, History, Replay};
 use crate::shard::idempotency::Keys;
+use crate::shard::persist::{Held, Persist};
 use crate::shard::{
     AttachCmd, BroadcastOutcome, Command, Delivery, Peer, PublishCmd, Resume, ShardHandle, ShardSnapshot,
     UserInfo,
 };
+use tokio::sync::oneshot;
 
 /// Most commands applied before the reactor yields so writers can flush.
 /// Also capped at half of `--max-queue`, so that a burst applied in one pass
@@ -48,7 +51,12 @@ const MAX_PASS: usize = 256;
 
 /// One user's state on its shard.
 struct UserState {
+    /// The last seq assigned.
     seq: u64,
+    /// The last seq stored and fanned out: behind `seq` only while, with
+    /// `--fsync always`, events wait for their sync. Welcomes and resumes
+    /// speak of this one.
+    applied: u64,
     /// Changes whenever this user's history is lost (new state = new epoch).
     epoch: Rc<str>,
     /// Tells this state of the user from an earlier one in eviction entries.
@@ -74,10 +82,12 @@ pub struct ShardCore {
     draining: Cell<bool>,
     /// This shard's share of `--history-memory`.
     budget: RefCell<Budget>,
+    /// The disk engine, with `--data-dir`.
+    persist: Option<RefCell<Persist>>,
 }
 
 impl ShardCore {
-    fn new(id: usize, shared: Arc<Shared>) -> Self {
+    fn new(id: usize, shared: Arc<Shared>, persist: Option<Persist>) -> Self {
         ShardCore {
             id,
             users: RefCell::new(HashMap::default()),
@@ -87,6 +97,7 @@ impl ShardCore {
             incarnation: Cell::new(0),
             draining: Cell::new(false),
             budget: RefCell::new(Budget::new(shared.config.history_memory / shared.config.shards.max(1))),
+            persist: persist.map(RefCell::new),
             shared,
         }
     }
@@ -95,13 +106,18 @@ impl ShardCore {
         &self.shared.shards[self.id]
     }
 
-    fn new_user(&self, now: Instant) -> UserState {
+    fn new_user(&self, user: &UserId, now: Instant) -> UserState {
         let n = self.incarnation.get() + 1;
         self.incarnation.set(n);
         bump(&self.handle().metrics.users, 1);
+        let epoch: Rc<str> = format!("{}{}.{}", self.shared.boot, self.id, radix36(n)).into();
+        if let Some(p) = &self.persist {
+            p.borrow_mut().epoch(user.as_str(), &epoch, crate::publish::unix_ms());
+        }
         UserState {
             seq: 0,
-            epoch: format!("{}{}.{}", self.shared.boot, self.id, radix36(n)).into(),
+            applied: 0,
+            epoch,
             incarnation: n,
             history: History::default(),
             keys: Keys::default(),
@@ -116,7 +132,7 @@ impl ShardCore {
             Command::Shutdown { deadline } => return Some(deadline),
             Command::Publish(p) => self.publish(p),
             Command::Broadcast { event, accepted, ts_ms, reply } => {
-                let _ = reply.send(self.broadcast(&event, accepted, ts_ms));
+                self.broadcast(&event, accepted, ts_ms, reply)
             }
             Command::Attach(a) => self.attach(*a),
             Command::UserInfo { user, reply } => {
@@ -143,23 +159,80 @@ impl ShardCore {
     fn publish(&self, p: PublishCmd) {
         let now = Instant::now();
         let mut users = self.users.borrow_mut();
-        let user = users.entry(p.user.clone()).or_insert_with(|| self.new_user(now));
+        let user = users.entry(p.user.clone()).or_insert_with(|| self.new_user(&p.user, now));
         if let Some(id) = &p.id {
             user.keys.expire(now, self.shared.config.history_ttl);
             if let Some(seq) = user.keys.get(id) {
                 bump(&self.handle().metrics.duplicates, 1);
                 if let Some(reply) = p.reply {
-                    let _ = reply.send(Delivery { seq, delivered: 0, duplicate: true });
+                    let delivery = Delivery { seq, delivered: 0, duplicate: true };
+                    // The first publish may still be waiting for its sync.
+                    let now_or_never = match self.holding() {
+                        Some(persist) => persist.borrow_mut().hold(Held::Reply { reply, delivery }),
+                        None => Some(Held::Reply { reply, delivery }),
+                    };
+                    if let Some(Held::Reply { reply, delivery }) = now_or_never {
+                        let _ = reply.send(delivery);
+                    }
                 }
                 return;
             }
         }
-        let delivered = self.deliver(&p.user, user, &p.event, p.accepted, p.ts_ms, now);
+        let (seq, frame) = self.assign(&p.user, user, &p.event, p.ts_ms, p.id.as_deref(), now);
         if let Some(id) = p.id {
-            user.keys.insert(id, user.seq, now);
+            user.keys.insert(id, seq, now);
         }
+        if let Some(persist) = self.holding() {
+            let held = Held::Event {
+                user: p.user,
+                seq,
+                frame,
+                priority: p.event.priority,
+                accepted: p.accepted,
+                reply: p.reply,
+            };
+            // A record was just appended, so this is always held.
+            let _ = persist.borrow_mut().hold(held);
+            return;
+        }
+        let delivered = self.apply_event(&p.user, user, seq, frame, p.event.priority, p.accepted, now);
         if let Some(reply) = p.reply {
-            let _ = reply.send(Delivery { seq: user.seq, delivered, duplicate: false });
+            let _ = reply.send(Delivery { seq, delivered, duplicate: false });
+        }
+        drop(users);
+        self.enforce_budget();
+    }
+
+    /// The disk engine, when it holds work until the sync (`--fsync always`).
+    fn holding(&self) -> Option<&RefCell<Persist>> {
+        self.persist.as_ref().filter(|p| p.borrow().hold)
+    }
+
+    /// Applies held work whose batch is durable, in the order it was held.
+    fn apply_durable(&self, done: u64) {
+        let Some(persist) = &self.persist else { return };
+        let work = persist.borrow_mut().take_durable(done);
+        if work.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut users = self.users.borrow_mut();
+        for w in work {
+            match w {
+                Held::Event { user: id, seq, frame, priority, accepted, reply } => {
+                    let Some(user) = users.get_mut(&id) else { continue };
+                    let delivered = self.apply_event(&id, user, seq, frame, priority, accepted, now);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Delivery { seq, delivered, duplicate: false });
+                    }
+                }
+                Held::Reply { reply, delivery } => {
+                    let _ = reply.send(delivery);
+                }
+                Held::Broadcast { reply, outcome } => {
+                    let _ = reply.send(outcome);
+                }
+            }
         }
         drop(users);
         self.enforce_budget();
@@ -206,15 +279,15 @@ impl ShardCore {
             conn.replay_next.set(None);
             return;
         };
-        let first = u.history.first_seq().unwrap_or(u.seq + 1);
+        let first = u.history.first_seq().unwrap_or(u.applied + 1);
         if next < first {
             bump(&self.handle().metrics.shed[Priority::Normal.index()], first - next);
             next = first;
         }
         let mut bytes: usize = batch.iter().map(|o| o.frame.len()).sum();
-        while next <= u.seq && batch.len() < max_frames && bytes < max_bytes {
+        while next <= u.applied && batch.len() < max_frames && bytes < max_bytes {
             let Some(h) = u.history.get_seq(next) else {
-                next = u.seq + 1; // cannot happen: held seqs are contiguous up to the latest
+                next = u.applied + 1; // cannot happen: held seqs are contiguous up to the latest
                 break;
             };
             let frame = if conn.sse { crate::sse::event(&u.epoch, h.seq, &h.frame) } else { h.frame.clone() };
@@ -222,30 +295,50 @@ impl ShardCore {
             batch.push(Outbound { frame, accepted: None, priority: h.priority });
             next += 1;
         }
-        conn.replay_next.set((next <= u.seq).then_some(next));
+        conn.replay_next.set((next <= u.applied).then_some(next));
     }
 
-    /// Assigns the next seq, stores and fans out one event. Returns the number
-    /// of connections it was queued to.
-    fn deliver(
+    /// Assigns the next seq and encodes the event's frame once; with a disk
+    /// engine, logs it.
+    fn assign(
         &self,
         user_id: &UserId,
         user: &mut UserState,
         ev: &PreparedEvent,
-        accepted: Instant,
         ts_ms: u64,
+        id: Option<&str>,
+        now: Instant,
+    ) -> (u64, bytes::Bytes) {
+        user.seq += 1;
+        user.touched = now;
+        let frame = protocol::encode_event_frame(user.seq, ev, ts_ms);
+        if let Some(p) = &self.persist {
+            p.borrow_mut().event(user_id.as_str(), user.seq, ts_ms, ev.priority, id, &frame);
+        }
+        (user.seq, frame)
+    }
+
+    /// Stores an assigned event in the history and fans it out to the
+    /// user's connections. Returns the number it was queued to.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_event(
+        &self,
+        user_id: &UserId,
+        user: &mut UserState,
+        seq: u64,
+        frame: bytes::Bytes,
+        priority: Priority,
+        accepted: Instant,
         now: Instant,
     ) -> u32 {
         let cfg = &self.shared.config;
         let m = &self.handle().metrics;
-        user.seq += 1;
-        user.touched = now;
-        let frame = protocol::encode_event_frame(user.seq, ev, ts_ms);
-        let held = Held { seq: user.seq, frame: frame.clone(), priority: ev.priority, at: now };
+        user.applied = seq;
+        let held = Held2 { seq, frame: frame.clone(), priority, at: now };
         let limits = history::Limits { events: cfg.history_size, bytes: cfg.history_bytes };
         self.with_history(user, |h| h.push(held, limits));
         if user.history.first_seq().is_some() {
-            let stored = Stored { user: user_id.clone(), incarnation: user.incarnation, seq: user.seq };
+            let stored = Stored { user: user_id.clone(), incarnation: user.incarnation, seq };
             self.budget.borrow_mut().stored(stored);
         }
         bump(&m.published, 1);
@@ -256,11 +349,11 @@ impl ShardCore {
         for &key in &user.conns {
             let Some(conn) = conns.get(key) else { continue };
             let frame = if conn.sse {
-                sse_frame.get_or_insert_with(|| crate::sse::event(&user.epoch, user.seq, &frame)).clone()
+                sse_frame.get_or_insert_with(|| crate::sse::event(&user.epoch, seq, &frame)).clone()
             } else {
                 frame.clone()
             };
-            let out = Outbound { frame, accepted: Some(accepted), priority: ev.priority };
+            let out = Outbound { frame, accepted: Some(accepted), priority };
             match conn.push_event(out) {
                 Enqueued::Queued { shed } => {
                     delivered += 1;
@@ -271,9 +364,9 @@ impl ShardCore {
                     }
                 }
                 Enqueued::Deferred => delivered += 1,
-                Enqueued::Shed => bump(&m.shed[ev.priority.index()], 1),
+                Enqueued::Shed => bump(&m.shed[priority.index()], 1),
                 Enqueued::Overflow => {
-                    bump(&m.shed[ev.priority.index()], 1);
+                    bump(&m.shed[priority.index()], 1);
                     bump(&m.slow_closed, 1);
                     conn.close_now(1013, "slow consumer: queue full of high-priority events");
                 }
@@ -282,17 +375,48 @@ impl ShardCore {
         delivered
     }
 
-    fn broadcast(&self, ev: &PreparedEvent, accepted: Instant, ts_ms: u64) -> BroadcastOutcome {
+    /// Publishes `ev` to every user with a live connection; with `--fsync
+    /// always` the answer (and every delivery) waits for the sync.
+    fn broadcast(
+        &self,
+        ev: &PreparedEvent,
+        accepted: Instant,
+        ts_ms: u64,
+        reply: oneshot::Sender<BroadcastOutcome>,
+    ) {
         let now = Instant::now();
         let mut users = self.users.borrow_mut();
         let mut out = BroadcastOutcome::default();
+        let holding = self.holding();
         for (id, user) in users.iter_mut().filter(|(_, u)| !u.conns.is_empty()) {
             out.users += 1;
-            out.delivered += self.deliver(id, user, ev, accepted, ts_ms, now) as u64;
+            let (seq, frame) = self.assign(id, user, ev, ts_ms, None, now);
+            if let Some(persist) = holding {
+                out.delivered += user.conns.len() as u64;
+                let held = Held::Event {
+                    user: id.clone(),
+                    seq,
+                    frame,
+                    priority: ev.priority,
+                    accepted,
+                    reply: None,
+                };
+                let _ = persist.borrow_mut().hold(held);
+            } else {
+                out.delivered += self.apply_event(id, user, seq, frame, ev.priority, accepted, now) as u64;
+            }
         }
         drop(users);
-        self.enforce_budget();
-        out
+        let now_or_later = match holding {
+            Some(persist) => persist.borrow_mut().hold(Held::Broadcast { reply, outcome: out }),
+            None => {
+                self.enforce_budget();
+                Some(Held::Broadcast { reply, outcome: out })
+            }
+        };
+        if let Some(Held::Broadcast { reply, outcome }) = now_or_later {
+            let _ = reply.send(outcome);
+        }
     }
 
     fn attach(self: &Rc<Self>, a: AttachCmd) {
@@ -355,7 +479,7 @@ impl ShardCore {
         let cfg = &self.shared.config;
         let now = Instant::now();
         let mut users = self.users.borrow_mut();
-        let user = users.entry(user_id.clone()).or_insert_with(|| self.new_user(now));
+        let user = users.entry(user_id.clone()).or_insert_with(|| self.new_user(&user_id, now));
         self.with_history(user, |h| h.expire(now, cfg.history_ttl));
 
         // Per-user limit: evict the oldest connections (4001).
@@ -370,8 +494,8 @@ impl ShardCore {
         let (recovered, replay_from) = match &resume {
             None => (None, None),
             Some(r) if r.epoch.as_deref().is_some_and(|e| e != &*user.epoch) => (Some(false), None),
-            Some(r) => match user.history.plan_replay(r.since, user.seq) {
-                Replay::From(seq) => (Some(true), (seq <= user.seq).then_some(seq)),
+            Some(r) => match user.history.plan_replay(r.since, user.applied) {
+                Replay::From(seq) => (Some(true), (seq <= user.applied).then_some(seq)),
                 Replay::Impossible => (Some(false), None),
             },
         };
@@ -383,7 +507,7 @@ impl ShardCore {
             user: &user_id,
             conn: &conn.id,
             epoch: &user.epoch,
-            seq: user.seq,
+            seq: user.applied,
             recovered,
             ping_ms: cfg.ping_interval.as_millis() as u64,
         });
@@ -423,7 +547,7 @@ impl ShardCore {
         Some(UserInfo {
             user: user.to_string(),
             connections: u.conns.len(),
-            seq: u.seq,
+            seq: u.applied,
             history: u.history.len(),
             history_bytes: u.history.bytes(),
             epoch: u.epoch.to_string(),
@@ -494,6 +618,15 @@ impl ShardCore {
         m.max_queue_depth.store(max_depth as u64, Relaxed);
         m.history_bytes.store(budget.held() as u64, Relaxed);
         m.history_events.store(budget.events() as u64, Relaxed);
+        if let Some(p) = &self.persist {
+            let p = p.borrow();
+            let (bytes, segments) = p.log.disk_usage();
+            let (syncs, sync_us) = p.log.sync_stats();
+            m.store_bytes.store(bytes, Relaxed);
+            m.store_segments.store(segments as u64, Relaxed);
+            m.store_syncs.store(syncs, Relaxed);
+            m.store_sync_us.store(sync_us, Relaxed);
+        }
         self.handle().latency.store(Arc::new(self.latency.borrow().clone()));
     }
 
@@ -504,11 +637,18 @@ impl ShardCore {
         let mut users = self.users.borrow_mut();
         let before = users.len();
         let mut budget = self.budget.borrow_mut();
-        users.retain(|_, u| {
+        let mut persist = self.persist.as_ref().map(|p| p.borrow_mut());
+        users.retain(|id, u| {
             let before = (u.history.bytes(), u.history.len());
             u.history.expire(now, ttl);
             u.keys.expire(now, ttl);
-            let keep = !(u.conns.is_empty() && now.duration_since(u.touched) >= ttl);
+            // Never while events wait for their sync (`touched` is recent then anyway).
+            let keep = !(u.conns.is_empty() && now.duration_since(u.touched) >= ttl && u.applied == u.seq);
+            if !keep {
+                if let Some(p) = persist.as_mut() {
+                    p.dropped(id.as_str());
+                }
+            }
             let after = if keep { (u.history.bytes(), u.history.len()) } else { (0, 0) };
             budget.adjust(before, after);
             keep
@@ -517,6 +657,117 @@ impl ShardCore {
         if gone > 0 {
             self.handle().metrics.users.fetch_sub(gone, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// Ends a pass: its log records go to the syncer as one batch.
+    fn commit_pass(&self) {
+        if let Some(p) = &self.persist {
+            p.borrow_mut().commit();
+        }
+    }
+
+    /// At shutdown: waits (until `deadline`) for held work to become durable
+    /// and applies it, so everything accepted is delivered before the drain.
+    async fn settle_held(&self, deadline: Instant) {
+        let Some(p) = &self.persist else { return };
+        while p.borrow().has_held() && Instant::now() < deadline && p.borrow().log.failed().is_none() {
+            let done = p.borrow().log.done();
+            self.apply_durable(done);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Syncs and closes the log; what was still held is durable then and is
+    /// answered (its connections are mostly gone).
+    fn close_store(&self) {
+        let Some(p) = &self.persist else { return };
+        let closed = p.borrow_mut().log.finish();
+        match closed {
+            Ok(()) => self.apply_durable(u64::MAX),
+            Err(e) => {
+                tracing::error!(shard = self.id, error = %e, "could not close the shard's log");
+                bump(&self.handle().metrics.store_failed, 1);
+            }
+        }
+    }
+
+    /// Rebuilds this shard's users from its log at start. Users idle past
+    /// `--history-ttl` during the downtime are not restored (their next
+    /// state starts over); after an unclean stop without `--fsync always`,
+    /// or when the log was damaged (not just cut short), every restored user
+    /// gets a new epoch, since clients may have seen events that are gone.
+    fn restore(&self, recovered: crate::engine::log::Recovered) {
+        let Some(persist) = &self.persist else { return };
+        let cfg = &self.shared.config;
+        let fsync_always = cfg.data.as_ref().is_some_and(|d| d.fsync == crate::config::Fsync::Always);
+        let damaged = recovered.truncated.as_ref().is_some_and(|t| !t.reason.starts_with("torn"));
+        let fresh_epochs = damaged || (!self.shared.store_was_clean && !fsync_always);
+        if let Some(t) = &recovered.truncated {
+            tracing::warn!(
+                shard = self.id,
+                segment = t.at.segment,
+                offset = t.at.offset,
+                dropped_bytes = t.dropped,
+                reason = t.reason,
+                "cut the log's tail"
+            );
+        }
+        let (restored, skipped) = super::persist::replay(&recovered.records);
+        if skipped > 0 {
+            tracing::warn!(shard = self.id, records = skipped, "skipped log records this build cannot read");
+        }
+        let now = Instant::now();
+        let now_ms = crate::publish::unix_ms();
+        let ttl_ms = cfg.history_ttl.as_millis() as u64;
+        let limits = history::Limits { events: cfg.history_size, bytes: cfg.history_bytes };
+        let ago = |ms: u64| now.checked_sub(Duration::from_millis(now_ms.saturating_sub(ms))).unwrap_or(now);
+        let mut users = self.users.borrow_mut();
+        let mut count = 0;
+        for (name, r) in restored {
+            let Ok(id) = UserId::parse(&name) else { continue };
+            if now_ms.saturating_sub(r.last_ms) >= ttl_ms {
+                continue; // idle past its TTL while the broker was down
+            }
+            let n = self.incarnation.get() + 1;
+            self.incarnation.set(n);
+            let epoch: Rc<str> = if fresh_epochs {
+                let e: Rc<str> = format!("{}{}.{}", self.shared.boot, self.id, radix36(n)).into();
+                persist.borrow_mut().epoch(&name, &e, now_ms);
+                e
+            } else {
+                r.epoch.as_str().into()
+            };
+            let mut user = UserState {
+                seq: r.seq,
+                applied: r.seq,
+                epoch,
+                incarnation: n,
+                history: History::default(),
+                keys: Keys::default(),
+                conns: Vec::new(),
+                touched: ago(r.last_ms),
+            };
+            for (seq, at_ms, priority, key, frame) in r.events {
+                if now_ms.saturating_sub(at_ms) >= ttl_ms {
+                    continue;
+                }
+                let held = Held2 { seq, frame, priority, at: ago(at_ms) };
+                self.with_history(&mut user, |h| h.push(held, limits));
+                if user.history.first_seq().is_some() {
+                    self.budget.borrow_mut().stored(Stored { user: id.clone(), incarnation: n, seq });
+                }
+                if let Some(k) = key {
+                    user.keys.insert(k.into(), seq, ago(at_ms));
+                }
+            }
+            users.insert(id, user);
+            count += 1;
+        }
+        bump(&self.handle().metrics.users, count);
+        drop(users);
+        self.commit_pass();
+        self.enforce_budget();
+        tracing::info!(shard = self.id, users = count, fresh_epochs, "restored from the data directory");
     }
 
     fn begin_drain(&self, deadline: Instant) {
@@ -551,14 +802,30 @@ fn radix36(mut n: u64) -> String {
 }
 
 /// Runs shard `id` on the current thread until a [`Command::Shutdown`]
-/// arrives and its connections have drained.
+/// arrives and its connections have drained. With `--data-dir`, first opens
+/// the shard's log and restores its users from it, and last closes the log
+/// (synced).
 pub fn run(id: usize, shared: Arc<Shared>) -> std::io::Result<Latency> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
+    let (persist, recovered) = match &shared.config.data {
+        Some(d) => {
+            let (p, r) = Persist::open(&d.dir, id, d.fsync, d.segment_size)?;
+            (Some(p), Some(r))
+        }
+        None => (None, None),
+    };
     let latency = local.block_on(&rt, async move {
-        let core = Rc::new(ShardCore::new(id, shared));
+        let core = Rc::new(ShardCore::new(id, shared, persist));
+        if let Some(r) = recovered {
+            core.restore(r);
+        }
         tokio::task::spawn_local(housekeeping(core.clone()));
+        if core.persist.is_some() {
+            tokio::task::spawn_local(durability_pump(core.clone()));
+        }
         let deadline = drain_ring(&core).await;
+        core.settle_held(deadline).await;
         core.begin_drain(deadline);
         // Listeners are closed: wait for connections to flush and close,
         // bounded by the deadline (a stalled client cannot hold shutdown).
@@ -567,8 +834,10 @@ pub fn run(id: usize, shared: Arc<Shared>) -> std::io::Result<Latency> {
             while let Some(cmd) = core.handle().ring.pop() {
                 core.apply(cmd);
             }
+            core.commit_pass();
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        core.close_store();
         core.latency.take()
     });
     Ok(latency)
@@ -583,6 +852,7 @@ async fn drain_ring(core: &Rc<ShardCore>) -> Instant {
         let mut n = 0;
         while let Some(cmd) = ring.pop() {
             if let Some(deadline) = core.apply(cmd) {
+                core.commit_pass();
                 return deadline;
             }
             n += 1;
@@ -590,8 +860,31 @@ async fn drain_ring(core: &Rc<ShardCore>) -> Instant {
                 break;
             }
         }
+        // One group commit per pass (a no-op without --data-dir).
+        core.commit_pass();
         // Let the writers woken by this batch flush before taking more.
         tokio::task::yield_now().await;
+    }
+}
+
+/// With `--fsync always`: applies held work as its batches become durable.
+async fn durability_pump(core: Rc<ShardCore>) {
+    let mut seen = 0;
+    loop {
+        let done = std::future::poll_fn(|cx| match &core.persist {
+            Some(p) => p.borrow().log.poll_done(seen, cx),
+            None => Poll::Pending,
+        })
+        .await;
+        if let Some(e) = core.persist.as_ref().and_then(|p| p.borrow().log.failed().map(str::to_string)) {
+            // Nothing more becomes durable: held publishes are never answered
+            // (their publishers see 503 and retry with their ids elsewhere).
+            tracing::error!(shard = core.id, error = %e, "the shard's log failed; publishes are no longer answered");
+            bump(&core.handle().metrics.store_failed, 1);
+            return;
+        }
+        seen = done;
+        core.apply_durable(done);
     }
 }
 

@@ -10,6 +10,7 @@ mod chaos;
 mod conformance;
 mod core;
 mod delivery;
+mod durable;
 mod hostile;
 mod limits;
 mod observability;

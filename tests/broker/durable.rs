@@ -1,0 +1,270 @@
+//! `--data-dir` (contract §10) against the real binary: a clean restart
+//! keeps epochs, seqs, history and idempotency keys; `kill -9` under
+//! `--fsync always` loses no acknowledged event; `kill -9` under `--fsync
+//! never` gives new epochs; a torn or corrupt log tail is survived; a locked
+//! directory is refused; `--history-ttl` counts the downtime.
+
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::util::*;
+
+struct Node {
+    child: Child,
+    client: String,
+    api: std::net::SocketAddr,
+}
+
+fn start(dir: &std::path::Path, extra: &[&str]) -> Node {
+    let d = dir.display().to_string();
+    let mut args = vec!["--data-dir", d.as_str()];
+    if !extra.contains(&"--shards") {
+        args.extend_from_slice(&["--shards", "2"]);
+    }
+    args.extend_from_slice(extra);
+    let (child, client, api) = spawn_binary(&args);
+    Node { child, client, api: api.parse().unwrap() }
+}
+
+impl Node {
+    async fn publish(&self, body: Value) -> Value {
+        let (status, _, b) =
+            http(self.api, "POST", "/v1/publish", bytes::Bytes::from(body.to_string()), None).await;
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+
+    async fn connect(&self, query: &str) -> (Ws, Value) {
+        let (mut ws, _) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::connect_async(format!("ws://{}/ws?{query}", self.client)),
+        )
+        .await
+        .expect("connect in time")
+        .expect("upgrade");
+        let w = next_json(&mut ws).await;
+        assert_eq!(w["type"], "welcome");
+        (ws, w)
+    }
+
+    /// SIGTERM (or `signal`), and the exit status.
+    fn stop(mut self, signal: &str) -> Option<i32> {
+        Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
+        self.child.wait().unwrap().code()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_restart_keeps_epochs_seqs_history_and_idempotency_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(dir.path(), &[]);
+    let (_, w) = n.connect("user=keep").await;
+    let epoch = w["epoch"].as_str().unwrap().to_string();
+    for i in 1..=10 {
+        n.publish(json!({"user": "keep", "event": "e", "data": {"i": i}, "id": format!("k{i}")})).await;
+    }
+    assert_eq!(n.stop("-TERM"), Some(0));
+    let n = start(dir.path(), &[]);
+    let (mut ws, w) = n.connect(&format!("user=keep&since=3&epoch={epoch}")).await;
+    assert_eq!(w["recovered"], true, "{w}");
+    assert_eq!(w["epoch"], epoch);
+    assert_eq!(w["seq"], 10);
+    let evs = next_events(&mut ws, 7).await;
+    assert_eq!(
+        evs.iter().map(|e| e["data"]["i"].as_u64().unwrap()).collect::<Vec<_>>(),
+        (4..=10).collect::<Vec<_>>()
+    );
+    // The next publish continues the seq; a retried key is still a duplicate.
+    assert_eq!(n.publish(json!({"user": "keep", "event": "e", "data": {"i": 11}})).await["seq"], 11);
+    let dup = n.publish(json!({"user": "keep", "event": "e", "id": "k5"})).await;
+    assert_eq!((dup["seq"].as_u64(), dup["duplicate"].as_bool()), (Some(5), Some(true)));
+    // The store's figures (published on the shards' heartbeat, within a second).
+    let mut stats = Value::Null;
+    for _ in 0..300 {
+        let (_, _, body) = http(n.api, "GET", "/v1/stats", bytes::Bytes::new(), None).await;
+        stats = serde_json::from_slice(&body).unwrap();
+        if stats["store"]["fsyncs"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(stats["store"]["fsyncs"].as_u64().unwrap() > 0, "{stats}");
+    assert!(stats["store"]["bytes"].as_u64().unwrap() > 0, "{stats}");
+    assert_eq!(n.stop("-TERM"), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_fsync_always_loses_no_acknowledged_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(dir.path(), &[]);
+    const USERS: usize = 20;
+    let mut epochs = Vec::new();
+    for u in 0..USERS {
+        epochs.push(n.connect(&format!("user=k{u}")).await.1["epoch"].as_str().unwrap().to_string());
+    }
+    let url = format!("ws://{}/v1/stream?acks=1", n.api);
+    let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let (mut tx, mut rx) = ws.split();
+    // Publish frames of 10 events until the broker dies; remember every ack.
+    let pid = n.child.id();
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    });
+    let mut acked: Vec<Vec<(u64, u64)>> = vec![Vec::new(); USERS];
+    let mut nonce = 0u64;
+    'run: loop {
+        let items: Vec<(usize, u64)> =
+            (0..10).map(|i| ((nonce as usize + i) % USERS, nonce + i as u64)).collect();
+        nonce += 10;
+        let frame = items
+            .iter()
+            .map(|(u, k)| json!({"user": format!("k{u}"), "event": "e", "data": k}).to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        if tx.send(Message::text(frame)).await.is_err() {
+            break;
+        }
+        loop {
+            match tokio::time::timeout(WAIT, rx.next()).await.expect("an ack or the end") {
+                Some(Ok(Message::Text(t))) => {
+                    let ack: Value = serde_json::from_str(&t).unwrap();
+                    for ((u, k), r) in items.iter().zip(ack["results"].as_array().unwrap()) {
+                        acked[*u].push((r["seq"].as_u64().unwrap(), *k));
+                    }
+                    break;
+                }
+                Some(Ok(_)) => continue,
+                _ => break 'run,
+            }
+        }
+    }
+    killer.await.unwrap();
+    let mut n = n;
+    let _ = n.child.wait();
+    let total: usize = acked.iter().map(Vec::len).sum();
+    assert!(total > 100, "the run acknowledged events before the kill ({total})");
+    let n = start(dir.path(), &[]);
+    for u in 0..USERS {
+        let (mut ws, w) = n.connect(&format!("user=k{u}&since=0&epoch={}", epochs[u])).await;
+        assert_eq!(w["recovered"], true, "user k{u}: {w}");
+        assert_eq!(w["epoch"], epochs[u], "the epoch is kept: every acked event is on disk");
+        let held = w["seq"].as_u64().unwrap() as usize;
+        assert!(held >= acked[u].len(), "k{u}: {held} held, {} acked", acked[u].len());
+        let evs = next_events(&mut ws, held).await;
+        for (seq, k) in &acked[u] {
+            let e = &evs[*seq as usize - 1];
+            assert_eq!((e["seq"].as_u64(), e["data"].as_u64()), (Some(*seq), Some(*k)), "k{u} seq {seq}");
+        }
+    }
+    assert_eq!(n.stop("-TERM"), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_fsync_never_gives_new_epochs() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(dir.path(), &["--fsync", "never"]);
+    let (_, w) = n.connect("user=nv").await;
+    let epoch = w["epoch"].as_str().unwrap().to_string();
+    for i in 0..5 {
+        n.publish(json!({"user": "nv", "event": "e", "data": i})).await;
+    }
+    // A clean stop writes every record; the kill -9 after the restart is the unclean one.
+    assert_eq!(n.stop("-TERM"), Some(0));
+    let n = start(dir.path(), &["--fsync", "never"]);
+    let (_, w) = n.connect(&format!("user=nv&since=5&epoch={epoch}")).await;
+    assert_eq!(w["recovered"], true, "a clean stop keeps the epoch even with --fsync never");
+    assert_eq!(n.stop("-KILL"), None);
+    let n = start(dir.path(), &["--fsync", "never"]);
+    let (_, w) = n.connect(&format!("user=nv&since=5&epoch={epoch}")).await;
+    assert_eq!(w["recovered"], false, "after a crash the old epoch cannot be trusted: {w}");
+    assert_ne!(w["epoch"], epoch);
+    assert_eq!(n.stop("-TERM"), Some(0));
+}
+
+fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    let shard = dir.join("shard-0");
+    let mut segs: Vec<_> = std::fs::read_dir(&shard).unwrap().map(|e| e.unwrap().path()).collect();
+    segs.sort();
+    segs.pop().expect("a segment")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_or_corrupt_log_tail_is_survived() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(dir.path(), &["--shards", "1"]);
+    let (_, w) = n.connect("user=tt").await;
+    let epoch = w["epoch"].as_str().unwrap().to_string();
+    for i in 0..5 {
+        n.publish(json!({"user": "tt", "event": "e", "data": i})).await;
+    }
+    assert_eq!(n.stop("-TERM"), Some(0));
+    // A torn tail: half a record after the last good one.
+    let seg = last_segment(dir.path());
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let good = bytes.len();
+    bytes.extend_from_slice(&[200, 0, 0, 0, 1, 2, 3]);
+    std::fs::write(&seg, &bytes).unwrap();
+    let n = start(dir.path(), &["--shards", "1"]);
+    let (mut ws, w) = n.connect(&format!("user=tt&since=2&epoch={epoch}")).await;
+    assert_eq!(w["recovered"], true, "a torn tail was never acknowledged: {w}");
+    assert_eq!(next_events(&mut ws, 3).await[2]["data"], 4);
+    assert_eq!(n.stop("-TERM"), Some(0));
+    assert_eq!(std::fs::read(&seg).unwrap().len(), good, "the torn bytes were cut");
+    // Corruption inside the log: the broker starts, the damaged user gets a new epoch.
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&seg, &bytes).unwrap();
+    let n = start(dir.path(), &["--shards", "1"]);
+    let (_, w) = n.connect(&format!("user=tt&since=2&epoch={epoch}")).await;
+    assert_eq!(w["recovered"], false, "{w}");
+    n.publish(json!({"user": "tt", "event": "after", "data": null})).await;
+    assert_eq!(n.stop("-TERM"), Some(0));
+}
+
+#[test]
+fn a_locked_data_dir_is_refused_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = start(dir.path(), &[]);
+    let d = dir.path().display().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0", "--data-dir", &d, "--shards", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--data-dir") && err.contains("another running broker"), "{err}");
+    // A different shard count than the data was written with is refused too.
+    assert_eq!(first.stop("-TERM"), Some(0));
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0", "--data-dir", &d, "--shards", "3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--shards"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_ttl_counts_the_downtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(dir.path(), &["--history-ttl", "2s"]);
+    let (_, w) = n.connect("user=ttl").await;
+    let epoch = w["epoch"].as_str().unwrap().to_string();
+    n.publish(json!({"user": "ttl", "event": "e"})).await;
+    n.publish(json!({"user": "fresh", "event": "e"})).await;
+    assert_eq!(n.stop("-TERM"), Some(0));
+    // The downtime itself is what is tested: it outlasts the TTL.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let n = start(dir.path(), &["--history-ttl", "2s"]);
+    let (_, w) = n.connect(&format!("user=ttl&since=0&epoch={epoch}")).await;
+    assert_eq!(w["recovered"], false, "{w}");
+    assert_eq!(w["seq"], 0, "the user's state expired while the broker was down");
+    assert_ne!(w["epoch"], epoch);
+    assert_eq!(n.stop("-TERM"), Some(0));
+}
