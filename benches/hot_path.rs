@@ -178,12 +178,18 @@ fn history(c: &mut Criterion) {
         let mut seq = 0;
         b.iter(|| {
             seq += 1;
-            h.push(Held { seq, frame: frame.clone(), priority: Priority::Normal, at: now }, HISTORY_LIMITS);
+            h.push(
+                Held { seq, frame: frame.clone(), priority: Priority::Normal, at: now, seg: 0 },
+                HISTORY_LIMITS,
+            );
         })
     });
     let mut h = History::default();
     for seq in 1..=128 {
-        h.push(Held { seq, frame: frame.clone(), priority: Priority::Normal, at: now }, HISTORY_LIMITS);
+        h.push(
+            Held { seq, frame: frame.clone(), priority: Priority::Normal, at: now, seg: 0 },
+            HISTORY_LIMITS,
+        );
     }
     g.throughput(Throughput::Elements(64));
     g.bench_function("replay_64_of_128", |b| {

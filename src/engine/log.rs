@@ -318,6 +318,11 @@ impl Log {
         (self.progress.syncs.load(Ordering::Relaxed), self.progress.sync_us.load(Ordering::Relaxed))
     }
 
+    /// Segments that no longer take appends, oldest first.
+    pub fn old_segments(&self) -> Vec<u64> {
+        self.sizes.keys().copied().filter(|&s| s < self.current).collect()
+    }
+
     /// The segment appends go to now.
     pub fn current_segment(&self) -> u64 {
         self.current
@@ -420,6 +425,8 @@ fn syncer(dir: PathBuf, policy: SyncPolicy, jobs: flume::Receiver<Job>, progress
                     }
                 }
                 written = number;
+                #[cfg(debug_assertions)]
+                failpoint_kill_before_fsync(&chunks);
                 if policy == SyncPolicy::Always {
                     if let Err(e) = sync(&files) {
                         fail(e);
@@ -433,6 +440,11 @@ fn syncer(dir: PathBuf, policy: SyncPolicy, jobs: flume::Receiver<Job>, progress
                 }
             }
             Some(Job::Remove(index)) => {
+                // Whatever was carried forward out of it must be durable first.
+                if let Err(e) = sync(&files) {
+                    fail(e);
+                    continue;
+                }
                 files.remove(&index);
                 if let Err(e) = std::fs::remove_file(dir.join(segment_name(index))) {
                     if e.kind() != io::ErrorKind::NotFound {
@@ -461,6 +473,23 @@ fn syncer(dir: PathBuf, policy: SyncPolicy, jobs: flume::Receiver<Job>, progress
                 progress.waker.wake();
             }
         }
+    }
+}
+
+/// Test builds only (debug assertions): with
+/// `SWITCHYARD_FAILPOINT=kill-before-fsync`, a batch carrying the bytes
+/// `failpoint:kill-before-fsync` kills the process after it is written and
+/// before it is synced — what `kill -9` alone cannot aim at. The tests use
+/// it to prove that nothing is answered or delivered before its sync.
+#[cfg(debug_assertions)]
+fn failpoint_kill_before_fsync(chunks: &[(u64, Vec<u8>)]) {
+    const MARK: &[u8] = b"failpoint:kill-before-fsync";
+    if std::env::var("SWITCHYARD_FAILPOINT").as_deref() != Ok("kill-before-fsync") {
+        return;
+    }
+    if chunks.iter().any(|(_, b)| b.windows(MARK.len()).any(|w| w == MARK)) {
+        eprintln!("failpoint kill-before-fsync: aborting between the write and the sync");
+        std::process::abort();
     }
 }
 

@@ -8,6 +8,7 @@ use crate::protocol::Priority;
 pub const KIND_EPOCH: u8 = 1;
 pub const KIND_EVENT: u8 = 2;
 pub const KIND_DROP: u8 = 3;
+pub const KIND_KEY: u8 = 4;
 
 /// A decoded record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +19,8 @@ pub enum Entry {
     Event { user: String, seq: u64, at_ms: u64, priority: Priority, id: Option<String>, frame: Vec<u8> },
     /// The user's state was dropped (idle past `--history-ttl`).
     Drop { user: String },
+    /// An idempotency key, carried forward from a segment being reclaimed.
+    Key { user: String, id: String, seq: u64, at_ms: u64 },
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -73,6 +76,16 @@ pub fn event(
     out
 }
 
+/// Encodes a key record's payload.
+pub fn key(user: &str, id: &str, seq: u64, at_ms: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(18 + user.len() + id.len());
+    put_str(&mut out, user);
+    put_str(&mut out, id);
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&at_ms.to_le_bytes());
+    out
+}
+
 /// Encodes a drop record's payload.
 pub fn drop_user(user: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + user.len());
@@ -94,6 +107,9 @@ pub fn decode(kind: u8, mut b: &[u8]) -> Option<Entry> {
             Some(Entry::Event { user, seq, at_ms, priority, id, frame: b.to_vec() })
         }
         KIND_DROP => Some(Entry::Drop { user: take_str(b)? }),
+        KIND_KEY => {
+            Some(Entry::Key { user: take_str(b)?, id: take_str(b)?, seq: take_u64(b)?, at_ms: take_u64(b)? })
+        }
         _ => None,
     }
 }
@@ -123,6 +139,10 @@ mod tests {
             Some(Entry::Epoch { user: "u1".into(), epoch: "abc-0.1".into(), at_ms: 5 })
         );
         assert_eq!(decode(KIND_DROP, &drop_user("u1")), Some(Entry::Drop { user: "u1".into() }));
+        assert_eq!(
+            decode(KIND_KEY, &key("u1", "k", 3, 9)),
+            Some(Entry::Key { user: "u1".into(), id: "k".into(), seq: 3, at_ms: 9 })
+        );
         assert_eq!(decode(KIND_EVENT, b"\x05ab"), None, "short payloads do not decode");
         assert_eq!(decode(99, b""), None);
     }

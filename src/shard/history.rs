@@ -29,6 +29,8 @@ pub struct Held {
     pub frame: Bytes,
     pub priority: Priority,
     pub at: Instant,
+    /// With `--data-dir`: the log segment holding this event's record (0 otherwise).
+    pub seg: u64,
 }
 
 impl Held {
@@ -134,6 +136,11 @@ impl History {
         }
     }
 
+    /// Every held event, oldest first (to move them between log segments).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Held> {
+        self.events.iter_mut()
+    }
+
     /// The held event with this seq, if any.
     pub fn get_seq(&self, seq: u64) -> Option<&Held> {
         let front = self.events.front()?.seq;
@@ -147,7 +154,7 @@ mod tests {
     use super::*;
 
     fn held(seq: u64, at: Instant) -> Held {
-        Held { seq, frame: Bytes::new(), priority: Priority::Normal, at }
+        Held { seq, frame: Bytes::new(), priority: Priority::Normal, at, seg: 0 }
     }
 
     const ROOMY: usize = usize::MAX / 2;
@@ -175,7 +182,8 @@ mod tests {
     fn byte_limit_drops_oldest_and_counts_exactly() {
         let now = Instant::now();
         let mut h = History::default();
-        let ev = |seq| Held { seq, frame: Bytes::from(vec![0u8; 100]), priority: Priority::Low, at: now };
+        let ev =
+            |seq| Held { seq, frame: Bytes::from(vec![0u8; 100]), priority: Priority::Low, at: now, seg: 0 };
         let limits = Limits { events: 1000, bytes: 3 * (100 + HELD_OVERHEAD) };
         for s in 1..=10 {
             h.push(ev(s), limits);
@@ -186,7 +194,7 @@ mod tests {
         // An event over the byte limit on its own empties the history
         // (keeping older ones would leave a hole before the latest seq).
         h.push(
-            Held { seq: 11, frame: Bytes::from(vec![0u8; 10_000]), priority: Priority::Low, at: now },
+            Held { seq: 11, frame: Bytes::from(vec![0u8; 10_000]), priority: Priority::Low, at: now, seg: 0 },
             limits,
         );
         assert!(h.is_empty());

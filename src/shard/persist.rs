@@ -27,6 +27,8 @@ pub enum Held {
     Event {
         user: crate::protocol::UserId,
         seq: u64,
+        /// The log segment its record is in.
+        seg: u64,
         frame: Bytes,
         priority: Priority,
         accepted: Instant,
@@ -45,8 +47,11 @@ pub struct RestoredUser {
     pub seq: u64,
     /// Unix ms of the user's last record.
     pub last_ms: u64,
-    /// `(seq, publish unix ms, priority, idempotency key, frame)`, in seq order.
-    pub events: Vec<(u64, u64, Priority, Option<String>, Bytes)>,
+    /// seq → `(publish unix ms, priority, frame)`; records moved forward
+    /// from a reclaimed segment come later in the log than newer events.
+    pub events: std::collections::BTreeMap<u64, (u64, Priority, Bytes)>,
+    /// Idempotency keys: id → `(seq, accepted unix ms)`.
+    pub keys: HashMap<String, (u64, u64)>,
 }
 
 pub struct Persist {
@@ -74,10 +79,12 @@ impl Persist {
         Ok((Persist { log, hold: fsync == Fsync::Always, held: VecDeque::new() }, recovered))
     }
 
-    pub fn epoch(&mut self, user: &str, epoch: &str, at_ms: u64) {
-        self.log.append(records::KIND_EPOCH, &records::epoch(user, epoch, at_ms));
+    /// Logs a user's epoch; returns the segment it went to.
+    pub fn epoch(&mut self, user: &str, epoch: &str, at_ms: u64) -> u64 {
+        self.log.append(records::KIND_EPOCH, &records::epoch(user, epoch, at_ms)).segment
     }
 
+    /// Logs an event; returns the segment it went to.
     pub fn event(
         &mut self,
         user: &str,
@@ -86,8 +93,13 @@ impl Persist {
         priority: Priority,
         id: Option<&str>,
         frame: &[u8],
-    ) {
-        self.log.append(records::KIND_EVENT, &records::event(user, seq, at_ms, priority, id, frame));
+    ) -> u64 {
+        self.log.append(records::KIND_EVENT, &records::event(user, seq, at_ms, priority, id, frame)).segment
+    }
+
+    /// Logs an idempotency key on its own; returns the segment it went to.
+    pub fn key(&mut self, user: &str, id: &str, seq: u64, at_ms: u64) -> u64 {
+        self.log.append(records::KIND_KEY, &records::key(user, id, seq, at_ms)).segment
     }
 
     pub fn dropped(&mut self, user: &str) {
@@ -110,6 +122,13 @@ impl Persist {
     /// Ends a pass: hands its records to the syncer.
     pub fn commit(&mut self) {
         self.log.commit();
+    }
+
+    /// The oldest segment that no longer takes appends, if there are at
+    /// least `keep` such segments.
+    pub fn reclaimable(&self, keep: usize) -> Option<u64> {
+        let old = self.log.old_segments();
+        (old.len() >= keep).then(|| old.first().copied()).flatten()
     }
 
     /// Takes the held work whose batch is durable, oldest first.
@@ -143,9 +162,16 @@ pub fn replay(records: &[Record]) -> (HashMap<String, RestoredUser>, usize) {
             }
             Some(Entry::Event { user, seq, at_ms, priority, id, frame }) => {
                 let u = users.entry(user).or_default();
-                u.seq = seq;
+                u.seq = u.seq.max(seq);
                 u.last_ms = u.last_ms.max(at_ms);
-                u.events.push((seq, at_ms, priority, id, Bytes::from(frame)));
+                if let Some(id) = id {
+                    u.keys.insert(id, (seq, at_ms));
+                }
+                u.events.insert(seq, (at_ms, priority, Bytes::from(frame)));
+            }
+            Some(Entry::Key { user, id, seq, at_ms }) => {
+                let u = users.entry(user).or_default();
+                u.keys.insert(id, (seq, at_ms));
             }
             Some(Entry::Drop { user }) => {
                 users.remove(&user);
@@ -183,7 +209,7 @@ mod tests {
         assert_eq!(skipped, 1);
         let a = &users["a"];
         assert_eq!((a.epoch.as_str(), a.seq, a.last_ms, a.events.len()), ("e1", 2, 15, 2));
-        assert_eq!(a.events[0].3.as_deref(), Some("k"));
+        assert_eq!(a.keys["k"], (1, 11));
         let b = &users["b"];
         assert_eq!((b.epoch.as_str(), b.seq, b.events.len()), ("e3", 0, 0), "dropped, then a new state");
     }

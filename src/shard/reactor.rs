@@ -61,6 +61,8 @@ struct UserState {
     epoch: Rc<str>,
     /// Tells this state of the user from an earlier one in eviction entries.
     incarnation: u64,
+    /// With `--data-dir`: the log segment holding this state's epoch record.
+    epoch_seg: u64,
     history: History,
     /// Idempotency keys accepted for this user.
     keys: Keys,
@@ -111,12 +113,14 @@ impl ShardCore {
         self.incarnation.set(n);
         bump(&self.handle().metrics.users, 1);
         let epoch: Rc<str> = format!("{}{}.{}", self.shared.boot, self.id, radix36(n)).into();
-        if let Some(p) = &self.persist {
-            p.borrow_mut().epoch(user.as_str(), &epoch, crate::publish::unix_ms());
-        }
+        let epoch_seg = self
+            .persist
+            .as_ref()
+            .map_or(0, |p| p.borrow_mut().epoch(user.as_str(), &epoch, crate::publish::unix_ms()));
         UserState {
             seq: 0,
             applied: 0,
+            epoch_seg,
             epoch,
             incarnation: n,
             history: History::default(),
@@ -178,14 +182,15 @@ impl ShardCore {
                 return;
             }
         }
-        let (seq, frame) = self.assign(&p.user, user, &p.event, p.ts_ms, p.id.as_deref(), now);
+        let (seq, frame, seg) = self.assign(&p.user, user, &p.event, p.ts_ms, p.id.as_deref(), now);
         if let Some(id) = p.id {
-            user.keys.insert(id, seq, now);
+            user.keys.insert(id, seq, now, seg);
         }
         if let Some(persist) = self.holding() {
             let held = Held::Event {
                 user: p.user,
                 seq,
+                seg,
                 frame,
                 priority: p.event.priority,
                 accepted: p.accepted,
@@ -195,7 +200,7 @@ impl ShardCore {
             let _ = persist.borrow_mut().hold(held);
             return;
         }
-        let delivered = self.apply_event(&p.user, user, seq, frame, p.event.priority, p.accepted, now);
+        let delivered = self.apply_event(&p.user, user, (seq, seg), frame, p.event.priority, p.accepted, now);
         if let Some(reply) = p.reply {
             let _ = reply.send(Delivery { seq, delivered, duplicate: false });
         }
@@ -219,9 +224,9 @@ impl ShardCore {
         let mut users = self.users.borrow_mut();
         for w in work {
             match w {
-                Held::Event { user: id, seq, frame, priority, accepted, reply } => {
+                Held::Event { user: id, seq, seg, frame, priority, accepted, reply } => {
                     let Some(user) = users.get_mut(&id) else { continue };
-                    let delivered = self.apply_event(&id, user, seq, frame, priority, accepted, now);
+                    let delivered = self.apply_event(&id, user, (seq, seg), frame, priority, accepted, now);
                     if let Some(reply) = reply {
                         let _ = reply.send(Delivery { seq, delivered, duplicate: false });
                     }
@@ -299,7 +304,7 @@ impl ShardCore {
     }
 
     /// Assigns the next seq and encodes the event's frame once; with a disk
-    /// engine, logs it.
+    /// engine, logs it. Returns the seq, the frame and the log segment.
     fn assign(
         &self,
         user_id: &UserId,
@@ -308,14 +313,15 @@ impl ShardCore {
         ts_ms: u64,
         id: Option<&str>,
         now: Instant,
-    ) -> (u64, bytes::Bytes) {
+    ) -> (u64, bytes::Bytes, u64) {
         user.seq += 1;
         user.touched = now;
         let frame = protocol::encode_event_frame(user.seq, ev, ts_ms);
-        if let Some(p) = &self.persist {
-            p.borrow_mut().event(user_id.as_str(), user.seq, ts_ms, ev.priority, id, &frame);
-        }
-        (user.seq, frame)
+        let seg = self
+            .persist
+            .as_ref()
+            .map_or(0, |p| p.borrow_mut().event(user_id.as_str(), user.seq, ts_ms, ev.priority, id, &frame));
+        (user.seq, frame, seg)
     }
 
     /// Stores an assigned event in the history and fans it out to the
@@ -325,7 +331,7 @@ impl ShardCore {
         &self,
         user_id: &UserId,
         user: &mut UserState,
-        seq: u64,
+        (seq, seg): (u64, u64),
         frame: bytes::Bytes,
         priority: Priority,
         accepted: Instant,
@@ -334,7 +340,7 @@ impl ShardCore {
         let cfg = &self.shared.config;
         let m = &self.handle().metrics;
         user.applied = seq;
-        let held = Held2 { seq, frame: frame.clone(), priority, at: now };
+        let held = Held2 { seq, frame: frame.clone(), priority, at: now, seg };
         let limits = history::Limits { events: cfg.history_size, bytes: cfg.history_bytes };
         self.with_history(user, |h| h.push(held, limits));
         if user.history.first_seq().is_some() {
@@ -390,12 +396,13 @@ impl ShardCore {
         let holding = self.holding();
         for (id, user) in users.iter_mut().filter(|(_, u)| !u.conns.is_empty()) {
             out.users += 1;
-            let (seq, frame) = self.assign(id, user, ev, ts_ms, None, now);
+            let (seq, frame, seg) = self.assign(id, user, ev, ts_ms, None, now);
             if let Some(persist) = holding {
                 out.delivered += user.conns.len() as u64;
                 let held = Held::Event {
                     user: id.clone(),
                     seq,
+                    seg,
                     frame,
                     priority: ev.priority,
                     accepted,
@@ -403,7 +410,8 @@ impl ShardCore {
                 };
                 let _ = persist.borrow_mut().hold(held);
             } else {
-                out.delivered += self.apply_event(id, user, seq, frame, ev.priority, accepted, now) as u64;
+                out.delivered +=
+                    self.apply_event(id, user, (seq, seg), frame, ev.priority, accepted, now) as u64;
             }
         }
         drop(users);
@@ -659,6 +667,42 @@ impl ShardCore {
         }
     }
 
+    /// Reclaims the oldest log segment once two no longer take appends:
+    /// whatever in it is still live (a user's epoch, held events, idempotency
+    /// keys) is written again to the current segment, and the segment is
+    /// deleted once that is durable (the syncer syncs before it deletes).
+    /// Disk use so stays near what history holds, plus two segments.
+    fn reclaim_segments(&self) {
+        let Some(persist) = &self.persist else { return };
+        let Some(old) = persist.borrow().reclaimable(2) else { return };
+        if persist.borrow().has_held() {
+            return; // events waiting for their sync are in no history yet
+        }
+        let now = Instant::now();
+        let now_ms = crate::publish::unix_ms();
+        let ms_of = |at: Instant| now_ms.saturating_sub(now.saturating_duration_since(at).as_millis() as u64);
+        let mut users = self.users.borrow_mut();
+        let mut p = persist.borrow_mut();
+        let mut carried = 0u64;
+        for (id, u) in users.iter_mut() {
+            if u.epoch_seg <= old {
+                u.epoch_seg = p.epoch(id.as_str(), &u.epoch, now_ms);
+                carried += 1;
+            }
+            for h in u.history.iter_mut().filter(|h| h.seg <= old) {
+                h.seg = p.event(id.as_str(), h.seq, ms_of(h.at), h.priority, None, &h.frame);
+                carried += 1;
+            }
+            for k in u.keys.iter_mut().filter(|k| k.seg <= old) {
+                k.seg = p.key(id.as_str(), &k.id, k.seq, ms_of(k.at));
+                carried += 1;
+            }
+        }
+        p.commit();
+        p.log.remove_segment(old);
+        tracing::debug!(shard = self.id, segment = old, carried, "reclaimed a log segment");
+    }
+
     /// Ends a pass: its log records go to the syncer as one batch.
     fn commit_pass(&self) {
         if let Some(p) = &self.persist {
@@ -730,16 +774,20 @@ impl ShardCore {
             }
             let n = self.incarnation.get() + 1;
             self.incarnation.set(n);
-            let epoch: Rc<str> = if fresh_epochs {
+            // Records keep their segments; a fresh epoch is a new record.
+            let (epoch, epoch_seg): (Rc<str>, u64) = if fresh_epochs {
                 let e: Rc<str> = format!("{}{}.{}", self.shared.boot, self.id, radix36(n)).into();
-                persist.borrow_mut().epoch(&name, &e, now_ms);
-                e
+                let seg = persist.borrow_mut().epoch(&name, &e, now_ms);
+                (e, seg)
             } else {
-                r.epoch.as_str().into()
+                let e: Rc<str> = r.epoch.as_str().into();
+                let seg = persist.borrow_mut().epoch(&name, &e, r.last_ms);
+                (e, seg)
             };
             let mut user = UserState {
                 seq: r.seq,
                 applied: r.seq,
+                epoch_seg,
                 epoch,
                 incarnation: n,
                 history: History::default(),
@@ -747,18 +795,26 @@ impl ShardCore {
                 conns: Vec::new(),
                 touched: ago(r.last_ms),
             };
-            for (seq, at_ms, priority, key, frame) in r.events {
+            // Restored events and keys are written again (to the current
+            // segment), so older segments hold nothing live after a restart
+            // and are reclaimed as the log grows.
+            for (seq, (at_ms, priority, frame)) in r.events {
                 if now_ms.saturating_sub(at_ms) >= ttl_ms {
                     continue;
                 }
-                let held = Held2 { seq, frame, priority, at: ago(at_ms) };
+                let seg = persist.borrow_mut().event(&name, seq, at_ms, priority, None, &frame);
+                let held = Held2 { seq, frame, priority, at: ago(at_ms), seg };
                 self.with_history(&mut user, |h| h.push(held, limits));
                 if user.history.first_seq().is_some() {
                     self.budget.borrow_mut().stored(Stored { user: id.clone(), incarnation: n, seq });
                 }
-                if let Some(k) = key {
-                    user.keys.insert(k.into(), seq, ago(at_ms));
-                }
+            }
+            let mut keys: Vec<_> =
+                r.keys.into_iter().filter(|(_, (_, at))| now_ms.saturating_sub(*at) < ttl_ms).collect();
+            keys.sort_by_key(|(_, (_, at))| *at);
+            for (key, (seq, at_ms)) in keys {
+                let seg = persist.borrow_mut().key(&name, &key, seq, at_ms);
+                user.keys.insert(key.into(), seq, ago(at_ms), seg);
             }
             users.insert(id, user);
             count += 1;
@@ -901,6 +957,7 @@ async fn housekeeping(core: Rc<ShardCore>) {
         ticker.tick().await;
         let now = Instant::now();
         core.heartbeat(now);
+        core.reclaim_segments();
         if now.duration_since(last_sweep) >= sweep_every {
             core.sweep_users(now);
             last_sweep = now;

@@ -215,7 +215,8 @@ async fn a_torn_or_corrupt_log_tail_is_survived() {
     assert_eq!(w["recovered"], true, "a torn tail was never acknowledged: {w}");
     assert_eq!(next_events(&mut ws, 3).await[2]["data"], 4);
     assert_eq!(n.stop("-TERM"), Some(0));
-    assert_eq!(std::fs::read(&seg).unwrap().len(), good, "the torn bytes were cut");
+    let after = std::fs::read(&seg).unwrap();
+    assert_ne!(after.get(good..good + 7), Some(&[200u8, 0, 0, 0, 1, 2, 3][..]), "the torn bytes were cut");
     // Corruption inside the log: the broker starts, the damaged user gets a new epoch.
     let mut bytes = std::fs::read(&seg).unwrap();
     let mid = bytes.len() / 2;
@@ -266,5 +267,145 @@ async fn history_ttl_counts_the_downtime() {
     assert_eq!(w["recovered"], false, "{w}");
     assert_eq!(w["seq"], 0, "the user's state expired while the broker was down");
     assert_ne!(w["epoch"], epoch);
+    assert_eq!(n.stop("-TERM"), Some(0));
+}
+
+fn dir_bytes(path: &std::path::Path) -> u64 {
+    std::fs::read_dir(path)
+        .map_or(0, |d| d.filter_map(|e| e.ok()).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_use_stays_bounded_under_a_long_run_with_a_small_history() {
+    let dir = tempfile::tempdir().unwrap();
+    // 64 KiB segments, 20 events per user, a 25 ms housekeeping tick.
+    let flags =
+        ["--shards", "1", "--history-size", "20", "--segment-size", "64KiB", "--ping-interval", "100ms"];
+    let n = start(dir.path(), &flags);
+    let pad = "x".repeat(900);
+    let mut epochs = std::collections::HashMap::new();
+    for u in 0..10 {
+        epochs.insert(u, n.connect(&format!("user=d{u}")).await.1["epoch"].as_str().unwrap().to_string());
+    }
+    // ~4 MiB logged in all: 40 batches of 100 events of ~1 KiB over 10 users.
+    for b in 0..40 {
+        let items: Vec<String> = (0..100)
+            .map(|i| {
+                json!({"user": format!("d{}", i % 10), "event": "e", "data": {"b": b, "i": i, "p": pad}})
+                    .to_string()
+            })
+            .collect();
+        let (status, _, _) = http(
+            n.api,
+            "POST",
+            "/v1/publish/batch",
+            bytes::Bytes::from(format!("[{}]", items.join(","))),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    // Held: 10 users x 20 events x ~1.1 KiB = ~220 KiB. Reclaimed segments
+    // keep the log near that (plus two 64 KiB segments), far below 4 MiB.
+    let shard_dir = dir.path().join("shard-0");
+    let mut bytes = u64::MAX;
+    for _ in 0..500 {
+        bytes = dir_bytes(&shard_dir);
+        if bytes < 1024 * 1024 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(bytes < 1024 * 1024, "log bounded: {bytes} bytes for ~4 MiB published");
+    assert_eq!(n.stop("-TERM"), Some(0));
+    // Nothing held was lost by reclaiming: every user resumes its last 20 events.
+    let n = start(dir.path(), &flags);
+    for u in 0..10 {
+        let (mut ws, w) = n.connect(&format!("user=d{u}&since=380&epoch={}", epochs[&u])).await;
+        assert_eq!((w["recovered"].as_bool(), w["seq"].as_u64()), (Some(true), Some(400)), "d{u}: {w}");
+        let evs = next_events(&mut ws, 20).await;
+        assert_eq!(evs[19]["data"]["b"], 39);
+        assert_eq!(evs[0]["seq"], 381);
+    }
+    assert_eq!(n.stop("-TERM"), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_answered_or_delivered_before_its_sync() {
+    // A test-build failpoint kills the broker after a batch is written and
+    // before it is synced: the event in it must not have been answered nor
+    // delivered, while every event answered before it survives the restart.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--data-dir",
+            &d,
+            "--shards",
+            "1",
+        ])
+        .env("SWITCHYARD_FAILPOINT", "kill-before-fsync")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if v["fields"]["message"] == "switchyard listening" {
+                    let _ = tx.send((
+                        v["fields"]["client"].as_str().unwrap().to_string(),
+                        v["fields"]["api"].as_str().unwrap().to_string(),
+                    ));
+                }
+            }
+        }
+    });
+    let (client, api) = rx.recv_timeout(WAIT).unwrap();
+    let n = Node { child, client, api: api.parse().unwrap() };
+    let (mut ws, w) = n.connect("user=fp").await;
+    let epoch = w["epoch"].as_str().unwrap().to_string();
+    for i in 1..=3 {
+        assert_eq!(n.publish(json!({"user": "fp", "event": "e", "data": i})).await["seq"], i);
+    }
+    assert_eq!(next_events(&mut ws, 3).await[2]["data"], 3);
+    let body = json!({"user": "fp", "event": "e", "data": "failpoint:kill-before-fsync"}).to_string();
+    let api_addr = n.api;
+    let answer = tokio::spawn(async move {
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let req = hyper::Request::post(format!("http://{api_addr}/v1/publish"))
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap();
+        tokio::time::timeout(WAIT, client.request(req))
+            .await
+            .expect("answered or failed in time")
+            .map(|r| r.status().as_u16())
+    });
+    let mut n = n;
+    let status = n.child.wait().unwrap();
+    assert!(!status.success(), "the failpoint killed the broker");
+    assert!(answer.await.unwrap().is_err(), "the publish in the unsynced batch was never answered");
+    // The client was never sent it: its stream ends with nothing after event 3.
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("the socket ends") {
+            Some(Ok(Message::Text(t))) => panic!("delivered before its sync: {t}"),
+            Some(Ok(_)) => continue,
+            _ => break,
+        }
+    }
+    // Every answered event is there after the restart.
+    let n = start(dir.path(), &["--shards", "1"]);
+    let (mut ws, w) = n.connect(&format!("user=fp&since=0&epoch={epoch}")).await;
+    assert_eq!(w["recovered"], true, "{w}");
+    let evs = next_events(&mut ws, 3).await;
+    assert_eq!(evs.iter().map(|e| e["data"].clone()).collect::<Vec<_>>(), vec![json!(1), json!(2), json!(3)]);
     assert_eq!(n.stop("-TERM"), Some(0));
 }
