@@ -75,6 +75,8 @@ pub struct ShardMetrics {
     pub store_syncs: CachePadded<AtomicU64>,
     pub store_sync_us: CachePadded<AtomicU64>,
     pub store_failed: CachePadded<AtomicU64>,
+    /// Syncs per latency bucket (`engine::log::SYNC_BUCKETS_US`, last = slower), as of the last heartbeat.
+    pub store_sync_buckets: [AtomicU64; 13],
 }
 
 impl Default for ShardMetrics {
@@ -102,6 +104,7 @@ impl Default for ShardMetrics {
             store_syncs: counter(),
             store_sync_us: counter(),
             store_failed: counter(),
+            store_sync_buckets: Default::default(),
         }
     }
 }

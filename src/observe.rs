@@ -126,6 +126,11 @@ pub async fn stats(shared: &Shared) -> serde_json::Value {
             "segments": sum(&|m| read(&m.store_segments)),
             "fsyncs": syncs,
             "fsync_mean_us": if syncs == 0 { 0.0 } else { us as f64 / syncs as f64 },
+            "fsync_us_buckets": crate::engine::log::SYNC_BUCKETS_US.iter().enumerate().map(|(i, le)| {
+                serde_json::json!({"le": le, "count": sum(&|m| read(&m.store_sync_buckets[i]))})
+            }).chain(std::iter::once(serde_json::json!({
+                "le": "+Inf", "count": sum(&|m| read(&m.store_sync_buckets[crate::engine::log::SYNC_BUCKETS_US.len()]))
+            }))).collect::<Vec<_>>(),
         })
     });
     serde_json::json!({
@@ -263,15 +268,6 @@ pub fn prometheus(shared: &Shared) -> String {
         per_shard(&|m| read(&m.store_syncs)),
     );
     family(
-        "store_fsync_seconds_total",
-        "counter",
-        "Time spent in those syncs.",
-        shards
-            .iter()
-            .map(|h| (format!("{{shard=\"{}\"}}", h.id), read(&h.metrics.store_sync_us) as f64 / 1e6))
-            .collect(),
-    );
-    family(
         "duplicate_publishes_total",
         "counter",
         "Publishes answered as duplicates of an accepted idempotency key.",
@@ -299,6 +295,9 @@ pub fn prometheus(shared: &Shared) -> String {
             ));
         }
     }
+    if shared.config.data.is_some() {
+        store_sync_histogram(&mut out, shared);
+    }
     let _ = writeln!(out, "# HELP switchyard_latency_seconds Publish accepted to frame written.");
     let _ = writeln!(out, "# TYPE switchyard_latency_seconds summary");
     for (labels, v) in rows {
@@ -312,6 +311,43 @@ pub fn prometheus(shared: &Shared) -> String {
         let _ = writeln!(out, "switchyard_latency_seconds_count{{priority=\"{}\"}} {}", p.as_str(), h.len());
     }
     out
+}
+
+/// The log syncs' latency as a Prometheus histogram per shard (cumulative
+/// `_bucket`s, `_sum`, `_count`), so nodes and shards can be summed.
+fn store_sync_histogram(out: &mut String, shared: &Shared) {
+    use crate::engine::log::SYNC_BUCKETS_US;
+    let _ = writeln!(
+        out,
+        "# HELP switchyard_store_fsync_seconds Time each sync of a shard's log took (--data-dir)."
+    );
+    let _ = writeln!(out, "# TYPE switchyard_store_fsync_seconds histogram");
+    for h in shared.shards.iter() {
+        let m = &h.metrics;
+        let mut cumulative = 0;
+        for (i, le) in SYNC_BUCKETS_US.iter().enumerate() {
+            cumulative += read(&m.store_sync_buckets[i]);
+            let _ = writeln!(
+                out,
+                "switchyard_store_fsync_seconds_bucket{{shard=\"{}\",le=\"{}\"}} {cumulative}",
+                h.id,
+                *le as f64 / 1e6
+            );
+        }
+        cumulative += read(&m.store_sync_buckets[SYNC_BUCKETS_US.len()]);
+        let _ = writeln!(
+            out,
+            "switchyard_store_fsync_seconds_bucket{{shard=\"{}\",le=\"+Inf\"}} {cumulative}",
+            h.id
+        );
+        let _ = writeln!(
+            out,
+            "switchyard_store_fsync_seconds_sum{{shard=\"{}\"}} {}",
+            h.id,
+            read(&m.store_sync_us) as f64 / 1e6
+        );
+        let _ = writeln!(out, "switchyard_store_fsync_seconds_count{{shard=\"{}\"}} {cumulative}", h.id);
+    }
 }
 
 /// `GET /debug/histograms`: merged latency as `.hgrm` text.

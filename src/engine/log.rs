@@ -169,6 +169,10 @@ pub fn recover(dir: &Path) -> io::Result<Recovered> {
     Ok(rec)
 }
 
+/// Upper bounds (µs) of the sync-latency buckets, as Prometheus `le` labels.
+pub const SYNC_BUCKETS_US: [u64; 12] =
+    [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000];
+
 /// The syncer's progress, shared with the reactor.
 #[derive(Debug, Default)]
 struct Progress {
@@ -181,6 +185,9 @@ struct Progress {
     /// Batches made durable with a sync, and microseconds spent syncing.
     syncs: AtomicU64,
     sync_us: AtomicU64,
+    /// Syncs by duration: `sync_buckets[i]` counts those that took at most
+    /// `SYNC_BUCKETS_US[i]` (the last bucket is everything slower).
+    sync_buckets: [AtomicU64; SYNC_BUCKETS_US.len() + 1],
 }
 
 enum Job {
@@ -325,6 +332,11 @@ impl Log {
         self.sizes.keys().copied().filter(|&s| s < self.current).collect()
     }
 
+    /// Syncs per latency bucket (see [`SYNC_BUCKETS_US`]), not cumulative.
+    pub fn sync_histogram(&self) -> [u64; SYNC_BUCKETS_US.len() + 1] {
+        std::array::from_fn(|i| self.progress.sync_buckets[i].load(Ordering::Relaxed))
+    }
+
     /// The segment appends go to now.
     pub fn current_segment(&self) -> u64 {
         self.current
@@ -383,8 +395,11 @@ fn syncer(dir: PathBuf, policy: SyncPolicy, jobs: flume::Receiver<Job>, progress
         for f in files.values() {
             f.sync_data()?;
         }
+        let us = t0.elapsed().as_micros() as u64;
         progress.syncs.fetch_add(1, Ordering::Relaxed);
-        progress.sync_us.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        progress.sync_us.fetch_add(us, Ordering::Relaxed);
+        let bucket = SYNC_BUCKETS_US.iter().position(|&le| us <= le).unwrap_or(SYNC_BUCKETS_US.len());
+        progress.sync_buckets[bucket].fetch_add(1, Ordering::Relaxed);
         Ok(())
     };
     loop {

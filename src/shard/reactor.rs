@@ -634,6 +634,9 @@ impl ShardCore {
             m.store_segments.store(segments as u64, Relaxed);
             m.store_syncs.store(syncs, Relaxed);
             m.store_sync_us.store(sync_us, Relaxed);
+            for (slot, n) in m.store_sync_buckets.iter().zip(p.log.sync_histogram()) {
+                slot.store(n, Relaxed);
+            }
         }
         self.handle().latency.store(Arc::new(self.latency.borrow().clone()));
     }

@@ -95,6 +95,19 @@ async fn a_clean_restart_keeps_epochs_seqs_history_and_idempotency_keys() {
     }
     assert!(stats["store"]["fsyncs"].as_u64().unwrap() > 0, "{stats}");
     assert!(stats["store"]["bytes"].as_u64().unwrap() > 0, "{stats}");
+    // The sync latency is a Prometheus histogram whose count is the syncs done.
+    let (_, _, text) = http(n.api, "GET", "/metrics", bytes::Bytes::new(), None).await;
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid metrics");
+    let count: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("switchyard_store_fsync_seconds_count{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(text.contains("switchyard_store_fsync_seconds_bucket{shard=\"0\",le=\"+Inf\"}"), "{text}");
+    let fsyncs: u64 =
+        stats["shards"].as_array().unwrap().iter().map(|s| s["store"]["fsyncs"].as_u64().unwrap()).sum();
+    assert!(count >= 1.0 && count <= fsyncs as f64 + 0.5, "histogram count {count} vs {fsyncs} syncs");
     assert_eq!(n.stop("-TERM"), Some(0));
 }
 
