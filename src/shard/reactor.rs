@@ -72,6 +72,23 @@ struct UserState {
     touched: Instant,
 }
 
+impl UserState {
+    /// A state at `seq` (0 for a new one) with nothing held and no connection.
+    fn new(incarnation: u64, (epoch, epoch_seg): (Rc<str>, u64), seq: u64, touched: Instant) -> Self {
+        UserState {
+            seq,
+            applied: seq,
+            epoch,
+            incarnation,
+            epoch_seg,
+            history: History::default(),
+            keys: Keys::default(),
+            conns: Vec::new(),
+            touched,
+        }
+    }
+}
+
 /// The state a shard owns.
 pub struct ShardCore {
     pub id: usize,
@@ -109,25 +126,20 @@ impl ShardCore {
     }
 
     fn new_user(&self, user: &UserId, now: Instant) -> UserState {
-        let n = self.incarnation.get() + 1;
-        self.incarnation.set(n);
+        let (n, epoch) = self.next_incarnation();
         bump(&self.handle().metrics.users, 1);
-        let epoch: Rc<str> = format!("{}{}.{}", self.shared.boot, self.id, radix36(n)).into();
         let epoch_seg = self
             .persist
             .as_ref()
             .map_or(0, |p| p.borrow_mut().epoch(user.as_str(), &epoch, crate::publish::unix_ms()));
-        UserState {
-            seq: 0,
-            applied: 0,
-            epoch_seg,
-            epoch,
-            incarnation: n,
-            history: History::default(),
-            keys: Keys::default(),
-            conns: Vec::new(),
-            touched: now,
-        }
+        UserState::new(n, (epoch, epoch_seg), 0, now)
+    }
+
+    /// A new state's incarnation number and its (never repeating) epoch.
+    fn next_incarnation(&self) -> (u64, Rc<str>) {
+        let n = self.incarnation.get() + 1;
+        self.incarnation.set(n);
+        (n, format!("{}{}.{}", self.shared.boot, self.id, radix36(n)).into())
     }
 
     /// Applies one command; `Some(deadline)` when it was the shutdown.
@@ -775,29 +787,17 @@ impl ShardCore {
             if now_ms.saturating_sub(r.last_ms) >= ttl_ms {
                 continue; // idle past its TTL while the broker was down
             }
-            let n = self.incarnation.get() + 1;
-            self.incarnation.set(n);
+            let (n, new_epoch) = self.next_incarnation();
             // Records keep their segments; a fresh epoch is a new record.
             let (epoch, epoch_seg): (Rc<str>, u64) = if fresh_epochs {
-                let e: Rc<str> = format!("{}{}.{}", self.shared.boot, self.id, radix36(n)).into();
-                let seg = persist.borrow_mut().epoch(&name, &e, now_ms);
-                (e, seg)
+                let seg = persist.borrow_mut().epoch(&name, &new_epoch, now_ms);
+                (new_epoch, seg)
             } else {
                 let e: Rc<str> = r.epoch.as_str().into();
                 let seg = persist.borrow_mut().epoch(&name, &e, r.last_ms);
                 (e, seg)
             };
-            let mut user = UserState {
-                seq: r.seq,
-                applied: r.seq,
-                epoch_seg,
-                epoch,
-                incarnation: n,
-                history: History::default(),
-                keys: Keys::default(),
-                conns: Vec::new(),
-                touched: ago(r.last_ms),
-            };
+            let mut user = UserState::new(n, (epoch, epoch_seg), r.seq, ago(r.last_ms));
             // Restored events and keys are written again (to the current
             // segment), so older segments hold nothing live after a restart
             // and are reclaimed as the log grows.
