@@ -107,6 +107,23 @@ struct Common {
     /// applied each event exactly once.
     #[arg(long, value_parser = parse_duration)]
     retry_timeout: Option<Duration>,
+    /// Pace sub-millisecond gaps by spinning the last stretch before each
+    /// event's time (else events due within a millisecond go out together).
+    /// Spinning costs the generator a core: use it when a core is spare.
+    #[arg(long)]
+    spin_pacing: bool,
+    /// Publish this long before the measured window: latency (client and
+    /// broker histograms) and CPU figures cover only what follows it.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// The broker's PID on this machine: its CPU use over the measured
+    /// window is reported (cores), beside the generator's own.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Write the broker's own latency histogram (GET /debug/histograms,
+    /// reset when the measured window starts) to this file.
+    #[arg(long)]
+    broker_hgrm: Option<PathBuf>,
     /// How clients connect: WebSocket (`/ws`), Server-Sent Events (`/sse`,
     /// resuming through `Last-Event-ID`), or a mix (every other connection).
     #[arg(long, value_enum, default_value = "ws")]
@@ -294,6 +311,9 @@ struct Run {
     /// Publisher streams replaced after an ack timeout or a failure.
     retries: AtomicU64,
     latency_tx: flume::Sender<Vec<u64>>,
+    /// Microseconds after `start` at which the measured window opens (set
+    /// when publishing starts); earlier events are not sampled for latency.
+    measure_from_us: AtomicU64,
 }
 
 fn user_name(i: usize) -> String {
@@ -314,6 +334,7 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
         resume_failed: AtomicU64::new(0),
         retries: AtomicU64::new(0),
         latency_tx,
+        measure_from_us: AtomicU64::new(u64::MAX),
         start: Instant::now(),
         common: common.clone(),
     });
@@ -366,13 +387,20 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
     }
 
     let publish_start = Instant::now();
+    let measure_start = publish_start + common.warmup;
+    run.measure_from_us.store(measure_start.duration_since(run.start).as_micros() as u64, Ordering::Relaxed);
     let progress = tokio::spawn(progress_task(run.clone()));
+    // The measured window: CPU of both processes and the broker's own
+    // histogram (reset as it opens) are read at its edges.
+    let window = tokio::spawn(measure_window(api.clone(), common.clone(), measure_start));
     let scheduled = schedule(&run, &plan, &pub_txs, publish_start).await;
     drop(pub_txs);
     for t in pub_tasks {
         t.await??;
     }
     let publish_elapsed = publish_start.elapsed();
+    let opened = window.await??;
+    let cpu = opened.close(&common);
 
     // Wait until every connection has what its user was sent, or the drain ends.
     let owed = |i: usize| {
@@ -410,8 +438,90 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
     totals.settle(shed_after.saturating_sub(shed_before));
     drop(run);
     let hist = collector.await?;
+    let broker_latency = broker_histogram(&api, &common).await?;
     report(&common, &totals, &hist, publish_elapsed, delivery_elapsed, &plan)?;
+    report_window(&common, &cpu, broker_latency.as_ref())?;
     Ok(totals.ok())
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/PID/stat`.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0) // USER_HZ is 100 on Linux
+}
+
+/// The measured window as it opened: when, and both processes' CPU then.
+struct Window {
+    at: Instant,
+    own: Option<f64>,
+    broker: Option<f64>,
+}
+
+/// CPU used over the window, in cores.
+struct WindowCpu {
+    seconds: f64,
+    generator_cores: Option<f64>,
+    broker_cores: Option<f64>,
+}
+
+impl Window {
+    fn close(self, common: &Common) -> WindowCpu {
+        let seconds = self.at.elapsed().as_secs_f64().max(1e-9);
+        let per = |before: Option<f64>, now: Option<f64>| Some((now? - before?) / seconds);
+        let broker_now = common.broker_pid.and_then(|p| cpu_seconds(&p.to_string()));
+        WindowCpu {
+            seconds,
+            generator_cores: per(self.own, cpu_seconds("self")),
+            broker_cores: per(self.broker, broker_now),
+        }
+    }
+}
+
+/// Waits for the window to open (after `--warmup`), resets the broker's
+/// histogram then (when asked for it), and samples CPU.
+async fn measure_window(api: String, common: Common, at: Instant) -> anyhow::Result<Window> {
+    tokio::time::sleep_until(at.into()).await;
+    if common.broker_hgrm.is_some() {
+        http_get_text(&api, "/debug/histograms?reset=1", common.api_key.as_deref()).await?;
+    }
+    Ok(Window {
+        at: Instant::now(),
+        own: cpu_seconds("self"),
+        broker: common.broker_pid.and_then(|p| cpu_seconds(&p.to_string())),
+    })
+}
+
+/// The broker's latency histogram over the window, written to `--broker-hgrm`;
+/// returns its percentiles line for the report.
+async fn broker_histogram(api: &str, common: &Common) -> anyhow::Result<Option<String>> {
+    let Some(path) = &common.broker_hgrm else { return Ok(None) };
+    let text = http_get_text(api, "/debug/histograms", common.api_key.as_deref()).await?;
+    std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(Some(path.display().to_string()))
+}
+
+fn report_window(common: &Common, cpu: &WindowCpu, broker_hgrm: Option<&String>) -> anyhow::Result<()> {
+    let fmt = |c: Option<f64>| c.map_or("n/a".to_string(), |c| format!("{c:.2}"));
+    println!(
+        "  window      {:.1}s measured (after {:?} warm-up); CPU cores: generator {}, broker {}",
+        cpu.seconds,
+        common.warmup,
+        fmt(cpu.generator_cores),
+        fmt(cpu.broker_cores)
+    );
+    if let Some(path) = broker_hgrm {
+        println!("  broker      latency histogram over the window: {path}");
+    }
+    if let Some(path) = &common.json {
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+        v["window_s"] = json!(cpu.seconds);
+        v["generator_cpu_cores"] = json!(cpu.generator_cores);
+        v["broker_cpu_cores"] = json!(cpu.broker_cores);
+        std::fs::write(path, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
 }
 
 /// One event handed to a publisher.
@@ -499,10 +609,10 @@ async fn schedule(run: &Run, plan: &Plan, pubs: &[flume::Sender<Outgoing>], t0: 
                     Some(r) => Duration::from_secs_f64(nonce as f64 / r),
                     None => t0.elapsed(),
                 };
-                if intended >= *duration {
+                if intended >= *duration + run.common.warmup {
                     break;
                 }
-                wait_until(t0 + intended).await;
+                wait_until(t0 + intended, run.common.spin_pacing).await;
                 let user = rng.usize(..users);
                 let mut pick = rng.u32(..total_w);
                 let mut prio = 0;
@@ -526,7 +636,7 @@ async fn schedule(run: &Run, plan: &Plan, pubs: &[flume::Sender<Outgoing>], t0: 
         }
         Plan::Trace { events, planned } => {
             for p in planned {
-                wait_until(t0 + p.at).await;
+                wait_until(t0 + p.at, run.common.spin_pacing).await;
                 let ev = &events[p.event];
                 let intended_us = base_us + p.at.as_micros() as u64;
                 let with_id = run.common.retry_timeout.is_some();
@@ -542,11 +652,24 @@ async fn schedule(run: &Run, plan: &Plan, pubs: &[flume::Sender<Outgoing>], t0: 
     nonce
 }
 
-/// Sleeps until `at` if it is more than a millisecond away (else returns at once,
-/// so bursts are sent back to back and the publisher batches them).
-async fn wait_until(at: Instant) {
-    if at > Instant::now() + Duration::from_millis(1) {
-        tokio::time::sleep_until(at.into()).await;
+/// Waits until `at`. Without `spin`: sleeps if it is more than a millisecond
+/// away, else returns at once (bursts go out back to back and the publisher
+/// batches them). With `spin`: sleeps (timer resolution is a millisecond)
+/// until just before it, then spins the last stretch (yielding, so clients
+/// on this thread keep reading), so sub-millisecond gaps are paced.
+async fn wait_until(at: Instant, spin: bool) {
+    if !spin {
+        if at > Instant::now() + Duration::from_millis(1) {
+            tokio::time::sleep_until(at.into()).await;
+        }
+        return;
+    }
+    const SPIN: Duration = Duration::from_micros(1500);
+    if let Some(sleep_to) = at.checked_sub(SPIN).filter(|t| *t > Instant::now()) {
+        tokio::time::sleep_until(sleep_to.into()).await;
+    }
+    while Instant::now() < at {
+        tokio::task::yield_now().await;
     }
 }
 
@@ -843,7 +966,9 @@ async fn client_task(
                     check.observe(own, d.u, ev.seq, d.n, lane);
                     run.received.fetch_add(1, Ordering::Relaxed);
                     let now_us = run.start.elapsed().as_micros() as u64;
-                    lat.push(now_us.saturating_sub(d.t));
+                    if d.t >= run.measure_from_us.load(Ordering::Relaxed) {
+                        lat.push(now_us.saturating_sub(d.t));
+                    }
                     if lat.len() == 256 {
                         let _ = run.latency_tx.send(std::mem::replace(&mut lat, Vec::with_capacity(256)));
                     }
@@ -933,6 +1058,12 @@ async fn broker_shed(api: &str, key: Option<&str>) -> anyhow::Result<u64> {
 
 /// A minimal HTTP/1.1 GET (the API listener is plain HTTP on loopback).
 async fn http_get_json(api: &str, path: &str, key: Option<&str>) -> anyhow::Result<Value> {
+    let body = http_get_text(api, path, key).await?;
+    serde_json::from_str(&body).with_context(|| format!("GET {path}: {body}"))
+}
+
+/// One `GET` on the API listener (HTTP/1.1, connection closed); the body.
+async fn http_get_text(api: &str, path: &str, key: Option<&str>) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let host = api.trim_start_matches("http://");
     let mut s = TcpStream::connect(host).await.with_context(|| format!("connecting to {host}"))?;
@@ -942,8 +1073,11 @@ async fn http_get_json(api: &str, path: &str, key: Option<&str>) -> anyhow::Resu
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await??;
     let text = String::from_utf8_lossy(&buf);
-    let body = text.split("\r\n\r\n").nth(1).ok_or_else(|| anyhow!("bad HTTP response"))?;
-    serde_json::from_str(body).with_context(|| format!("GET {path}: {body}"))
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("bad HTTP response"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_string())
 }
 
 fn report(
