@@ -113,6 +113,7 @@ pub async fn serve(
         match accepted {
             Ok((mut stream, _)) => match pending.clone().try_acquire_owned() {
                 Ok(permit) => {
+                    set_user_timeout(&stream, shared.config.idle_timeout);
                     let shared = shared.clone();
                     let tls = tls.clone();
                     tokio::spawn(async move {
@@ -147,6 +148,29 @@ pub async fn serve(
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+    }
+}
+
+/// Has the kernel abort the connection when data it sent stays
+/// unacknowledged for `after` (`TCP_USER_TIMEOUT`): a peer whose network
+/// vanished without a FIN is then found by the writes (pings, events) even
+/// where no idle timeout applies (an SSE client cannot send anything).
+fn set_user_timeout(stream: &TcpStream, after: Duration) {
+    use std::os::fd::AsRawFd;
+    let ms: libc::c_uint = after.as_millis().min(u32::MAX as u128) as libc::c_uint;
+    // SAFETY: setsockopt on a socket this function borrows; the value is a
+    // local c_uint whose size is passed with it.
+    let r = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "could not set TCP_USER_TIMEOUT");
     }
 }
 

@@ -250,6 +250,41 @@ fn chaos_a_client_whose_network_vanishes_is_closed_by_the_idle_timeout_and_freed
 }
 
 #[test]
+fn chaos_an_sse_client_whose_network_vanishes_is_found_by_its_writes_and_freed() {
+    // An SSE client cannot send, so no idle timeout applies to it: the
+    // broker finds it dead when its pings go unacknowledged (TCP_USER_TIMEOUT
+    // set to --idle-timeout on client sockets).
+    let mut lab = Lab::new();
+    let (pid, client, api) = lab.broker(&["--ping-interval", "200ms", "--idle-timeout", "1s"]);
+    eventually("the broker answers stats", || lab.stats(&api)["connections"] == 0);
+    let fds0 = fd_count(pid);
+    let sse = repo_file("tests/chaos/sse_idle_client.py");
+    assert_eq!(lab.helper(true, &["python3", &sse, &client, "ghost"]), "ready");
+    assert_eq!(lab.stats(&api)["sse_connections"], 1);
+    sh(&["ip", "-n", &lab.b, "link", "set", &lab.veth_b, "down"]);
+    eventually("the vanished SSE client is closed", || lab.stats(&api)["connections"] == 0);
+    eventually("its file descriptor is freed", || fd_count(pid) <= fds0);
+    sh(&["ip", "-n", &lab.b, "link", "set", &lab.veth_b, "up"]);
+    let target = format!("ws://{client}");
+    let api_url = format!("http://{api}");
+    lab.load(&[
+        "run",
+        "--target",
+        &target,
+        "--api",
+        &api_url,
+        "--users",
+        "5",
+        "--rate",
+        "100",
+        "--duration",
+        "1s",
+        "--transport",
+        "sse",
+    ]);
+}
+
+#[test]
 fn chaos_a_retrying_publisher_behind_a_lossy_link_causes_no_duplicate() {
     let mut lab = Lab::new();
     let (_, client, api) = lab.broker(&["--shards", "2"]);
