@@ -1,13 +1,11 @@
-//! Assembly: binds the listeners, starts the shards and the I/O runtime, and
-//! owns the broker-wide shared context ([`Shared`]) and the shutdown order.
-//!
-//! [`Shared`] is immutable after start except for atomics: the routing table
-//! (an `ArcSwap`), the per-shard rings and counters, and the live-connection
-//! count. It is what every thread holds an `Arc` of.
+//! Assembly: opens the data directory, binds the listeners, builds the
+//! shared context ([`Shared`]), starts the shards and the I/O runtime, and
+//! owns the shutdown order. The top of the house: nothing imports it but
+//! `main`, `cli` and the tests.
 
 use std::fs::File;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -23,48 +21,7 @@ use crate::metrics::{ApiErrors, Latency};
 use crate::redact::Redactor;
 use crate::routing::{Router, RoutingTable};
 use crate::shard::{self, ShardHandle};
-
-/// The broker-wide context shared by every thread.
-pub struct Shared {
-    pub config: Config,
-    pub router: Router,
-    /// Indexed by shard id.
-    pub shards: Box<[ShardHandle]>,
-    /// Client connections admitted (handed over or live), across shards:
-    /// enforces `--max-connections` without asking the shards.
-    live: AtomicUsize,
-    /// 64 random bits from the operating system, drawn at start: the prefix
-    /// of every user epoch, so a restart changes them all and an old epoch
-    /// never matches new history (a shard and a per-shard counter follow,
-    /// so no two states of a run share an epoch either).
-    pub boot: String,
-    pub redactor: Redactor,
-    pub auth: Authenticator,
-    pub api_errors: ApiErrors,
-    /// With `--data-dir`: whether the broker that last used it stopped cleanly.
-    pub store_was_clean: bool,
-}
-
-impl Shared {
-    /// Admits one more client connection if under `--max-connections`.
-    pub fn try_acquire_connection(&self) -> bool {
-        // Relaxed: a counter bounding admissions; it orders nothing else.
-        let prev = self.live.fetch_add(1, Ordering::Relaxed);
-        if prev >= self.config.max_connections {
-            self.live.fetch_sub(1, Ordering::Relaxed);
-            return false;
-        }
-        true
-    }
-
-    pub fn release_connection(&self) {
-        self.live.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    pub fn live_connections(&self) -> usize {
-        self.live.load(Ordering::Relaxed)
-    }
-}
+pub use crate::shared::Shared;
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -115,7 +72,7 @@ pub struct Running {
     /// (1001), keep-alive connections closed after their request in flight.
     shutdown: CancellationToken,
     /// API connections still open (publisher streams included).
-    api_open: listener::api::OpenConnections,
+    api_open: listener::watchdog::OpenConnections,
     shards: Vec<JoinHandle<Option<Latency>>>,
     io: Option<tokio::runtime::Runtime>,
     /// The locked `--data-dir`, marked clean after the shards close their logs.
@@ -248,7 +205,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         config,
     });
     let shutdown = CancellationToken::new();
-    let api_open = listener::api::OpenConnections::new(shared.config.api_max_connections);
+    let api_open = listener::watchdog::OpenConnections::new(shared.config.api_max_connections);
 
     let mut threads = Vec::with_capacity(shared.shards.len());
     for id in 0..shared.shards.len() {

@@ -51,7 +51,7 @@ pub fn write_hgrm(dir: &Path, h: &Histogram<u64>) -> std::io::Result<PathBuf> {
 /// is the difference between two merged snapshots, so the shards' own
 /// histograms are never reset by this.
 pub async fn interval_log(
-    shared: std::sync::Arc<crate::broker::Shared>,
+    shared: std::sync::Arc<crate::shared::Shared>,
     dir: PathBuf,
     every: std::time::Duration,
     shutdown: tokio_util::sync::CancellationToken,

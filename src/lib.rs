@@ -18,6 +18,38 @@
 //! the same buffer on each of the user's connections ([`connection`]) → each
 //! connection's writer flushes everything queued with one vectored write →
 //! the shard's HdrHistogram records publish→write latency ([`metrics`]).
+//! With `--data-dir` the shard also logs each event ([`engine`]) and, with
+//! `--fsync always`, answers and fans out only once its batch is synced.
+//!
+//! **Module map**, top floor first; a module imports only modules on lower
+//! floors (no import circles, no arrow back up):
+//!
+//! ```text
+//! main.rs (binary)  flags → start → signals → drain, or a subcommand
+//! cli, signals      switchyard token / check-config; SIGTERM, SIGUSR1
+//! broker            assembly: data dir, listeners, shards, shutdown order
+//! histdump          .hgrm / .hlog files
+//! listener/         client (handshake, TLS, hand-over), api (+ stream,
+//!                   watchdog, reply, tls)
+//! publish, observe  publish objects → shard commands; stats, /metrics, dashboard
+//! shard/            reactor (owned state), persist, history, budget, idempotency
+//! shared            what every thread reads (config, router, shard handles)
+//! inbox, ring       commands a shard takes and its handle; the lock-free ring
+//! connection/       one client socket: queue, writer, readers, transport
+//! engine/           --data-dir: locked directory, segment log, records
+//! routing, metrics, auth, batch
+//! protocol, sse     wire vocabulary and framing (encode once)
+//! config, redact, wsframe, fdlimit
+//! ```
+//!
+//! **No lock on the per-event path.** The rings are crossbeam's `ArrayQueue`
+//! behind an atomic admission counter and an `AtomicWaker`; routing is an
+//! `ArcSwap::load`; everything a shard owns is `Rc`/`RefCell` on its own
+//! thread; counters are relaxed atomics; shutdown is a ring command (the
+//! shard polls no shared token, whose `CancellationToken` holds a mutex).
+//! Locks remain off that path only: the tokio runtimes' internals the
+//! listeners use, hyper's connection state, and the disk engine's syncer
+//! channel (flume), once per reactor pass, not per event.
 
 pub mod auth;
 pub mod batch;
@@ -28,14 +60,17 @@ pub mod connection;
 pub mod engine;
 pub mod fdlimit;
 pub mod histdump;
+pub mod inbox;
 pub mod listener;
 pub mod metrics;
 pub mod observe;
 pub mod protocol;
 pub mod publish;
 pub mod redact;
+pub mod ring;
 pub mod routing;
 pub mod shard;
+pub mod shared;
 pub mod signals;
 pub mod sse;
 pub mod wsframe;

@@ -11,10 +11,10 @@ use std::fmt::Write as _;
 use hdrhistogram::Histogram;
 use tokio::sync::oneshot;
 
-use crate::broker::Shared;
 use crate::metrics::{read, Latency, Percentiles};
 use crate::protocol::Priority;
 use crate::shard::{Command, ShardSnapshot};
+use crate::shared::Shared;
 
 /// `GET /dashboard`: one static page, compiled in (no CDN, no external
 /// fonts or scripts); everything it shows it reads from `/v1/stats`.

@@ -287,6 +287,14 @@ fn prepare_event(
     Ok(Arc::new(PreparedEvent { name, data, priority }))
 }
 
+/// Unix time in milliseconds (an event's `ts`).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Encodes an `event` frame (WebSocket header included) for one user and seq.
 ///
 /// One allocation, sized exactly; the result is shared by all of the user's

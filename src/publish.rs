@@ -13,13 +13,13 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::broker::Shared;
 use crate::protocol::{self, InvalidInput, PreparedEvent, PublishRequest, Target, UserId};
 use crate::shard::{BroadcastOutcome, Command, Delivery, Permit, PublishCmd};
+use crate::shared::Shared;
 
 /// Why a publish was not applied.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -105,10 +105,7 @@ impl Published {
     }
 }
 
-/// Unix time in milliseconds.
-pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+pub use crate::protocol::unix_ms;
 
 /// Size-checks and parses one raw publish object.
 pub fn parse_raw(shared: &Shared, raw: &[u8]) -> Result<PublishRequest, PublishError> {

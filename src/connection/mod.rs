@@ -32,9 +32,7 @@ use fastwebsockets::{Frame, OpCode, WebSocketError};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::task::AbortHandle;
 
-use crate::metrics::bump;
 use crate::protocol::{self, ClientMessage, Priority, UserId};
-use crate::shard::reactor::ShardCore;
 use crate::wsframe;
 pub use queue::{Enqueued, Limits, OutQueue, Outbound};
 pub use transport::{HandedSocket, ReadSide, WriteSide};
@@ -257,6 +255,18 @@ impl Conn {
     }
 }
 
+/// What a connection's writer needs from the shard that owns it. The
+/// reactor implements it, so a connection never imports the reactor
+/// (arrows point down).
+pub trait Owner {
+    /// Moves held events of a resume replay still being written into `batch`.
+    fn fill_replay(&self, conn: &Conn, batch: &mut Vec<Outbound>, max_frames: usize, max_bytes: usize);
+    /// A batch was written with `calls` write calls: counters and latency.
+    fn written(&self, batch: &[Outbound], calls: u64);
+    /// The connection's writer has ended: forget it.
+    fn deregister(&self, conn: &Conn);
+}
+
 /// What the writer should do next.
 enum Step {
     Write,
@@ -265,7 +275,7 @@ enum Step {
 
 /// The writer task: writes the `101` response (`greeting`) first, whatever
 /// happens next, then runs until the connection closes and deregisters it.
-pub async fn run_writer(core: Rc<ShardCore>, conn: Rc<Conn>, mut sock: WriteSide, greeting: Bytes) {
+pub async fn run_writer<O: Owner>(core: Rc<O>, conn: Rc<Conn>, mut sock: WriteSide, greeting: Bytes) {
     // Grows to the largest batch this connection has needed (idle ones stay tiny).
     let mut batch: Vec<Outbound> = Vec::new();
     // The greeting rides in the first batch (with `welcome`, in one write).
@@ -273,7 +283,7 @@ pub async fn run_writer(core: Rc<ShardCore>, conn: Rc<Conn>, mut sock: WriteSide
     loop {
         batch.clear();
         batch.extend(greeting.take());
-        let step = std::future::poll_fn(|cx| next_step(&core, &conn, &mut batch, cx)).await;
+        let step = std::future::poll_fn(|cx| next_step(&*core, &conn, &mut batch, cx)).await;
         match step {
             Step::Write => {
                 let deadline = match &*conn.closing.borrow() {
@@ -290,7 +300,7 @@ pub async fn run_writer(core: Rc<ShardCore>, conn: Rc<Conn>, mut sock: WriteSide
                     None => write_batch(&conn, &mut sock, &batch).await,
                 };
                 match res {
-                    Ok(calls) => account_batch(&core, &batch, calls),
+                    Ok(calls) => core.written(&batch, calls),
                     Err(WriteFailed::Aborted { rest }) => {
                         let urgent = conn.closing.borrow().clone();
                         let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
@@ -330,7 +340,7 @@ pub async fn run_writer(core: Rc<ShardCore>, conn: Rc<Conn>, mut sock: WriteSide
 /// Fills `batch` (which may already hold the greeting) or says how to close:
 /// control frames first, then a resume replay still being written (read
 /// from the history), then queued events.
-fn next_step(core: &ShardCore, conn: &Conn, batch: &mut Vec<Outbound>, cx: &mut Context<'_>) -> Poll<Step> {
+fn next_step<O: Owner>(core: &O, conn: &Conn, batch: &mut Vec<Outbound>, cx: &mut Context<'_>) -> Poll<Step> {
     if let Some(CloseMode::Now(frame)) = &*conn.closing.borrow() {
         // Queued frames are skipped; only the greeting still in `batch` goes first.
         return Poll::Ready(Step::Close(frame.clone()));
@@ -619,21 +629,4 @@ fn handle_message(conn: &Conn, op: OpCode, payload: &[u8]) {
         Ok(ClientMessage::Ping(id)) => conn.push_control(protocol::encode_pong(&id)),
         Err(e) => conn.push_control(protocol::encode_client_error(e.code, &e.message)),
     }
-}
-
-/// Records a written batch into the shard's counters and histograms.
-pub fn account_batch(core: &ShardCore, batch: &[Outbound], calls: u64) {
-    let now = Instant::now();
-    let m = &core.handle().metrics;
-    bump(&m.write_calls, calls);
-    bump(&m.frames_written, batch.len() as u64);
-    let mut events = 0;
-    let mut lat = core.latency.borrow_mut();
-    for o in batch {
-        if let Some(at) = o.accepted {
-            events += 1;
-            lat.record(o.priority, now.saturating_duration_since(at));
-        }
-    }
-    bump(&m.delivered, events);
 }

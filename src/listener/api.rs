@@ -11,55 +11,27 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, ORIGIN, RETRY_AFTER};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, ORIGIN};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::constant_time_eq;
 use crate::batch;
-use crate::broker::Shared;
-use crate::listener::reply::{self, Refusal};
+use crate::listener::reply::{self, error, json, json_text, Refusal};
 use crate::listener::stream;
 use crate::listener::watchdog::{Activity, Tracked};
+use crate::listener::watchdog::{OpenConnections, Slot};
 use crate::observe;
 use crate::protocol::{self, UserId};
 use crate::publish::{self, PublishError};
 use crate::shard::Command;
+use crate::shared::Shared;
 
 type Body = Full<Bytes>;
-
-/// The API connections open at once, bounded by `--api-max-connections`.
-/// A connection holds a [`Slot`] from accept until its socket closes
-/// (a publisher stream keeps its connection's slot).
-#[derive(Clone)]
-pub struct OpenConnections {
-    slots: Arc<Semaphore>,
-    max: u32,
-}
-
-/// One open API connection's place.
-pub type Slot = Arc<OwnedSemaphorePermit>;
-
-impl OpenConnections {
-    pub fn new(max: usize) -> Self {
-        let max = u32::try_from(max).unwrap_or(u32::MAX).min(Semaphore::MAX_PERMITS as u32);
-        OpenConnections { slots: Arc::new(Semaphore::new(max as usize)), max }
-    }
-
-    fn try_open(&self) -> Option<Slot> {
-        self.slots.clone().try_acquire_owned().ok().map(Arc::new)
-    }
-
-    /// Resolves once every API connection has closed.
-    pub async fn all_closed(&self) {
-        let _ = self.slots.acquire_many(self.max).await;
-    }
-}
 
 /// Accepts API connections until `shutdown` fires. Each gets a slot (or an
 /// immediate 503), then a TLS handshake with `tls`, then HTTP/1.1 under
@@ -158,29 +130,6 @@ where
             }
         }
     }
-}
-
-/// A JSON response.
-pub fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
-    json_text(status, v.to_string())
-}
-
-/// A JSON response from already-formatted JSON text.
-fn json_text(status: StatusCode, body: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
-}
-
-/// An error response in the contract's shape.
-pub fn error(status: u16, code: &str, message: &str) -> Response<Body> {
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut r = json_text(status, reply::error_body(code, message));
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    r
 }
 
 fn publish_error(e: &PublishError) -> Response<Body> {

@@ -19,10 +19,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, Credentials};
-use crate::broker::Shared;
 use crate::connection::transport::{HandedSocket, Socket, TlsStream};
 use crate::listener::reply::{respond, write_response, Refusal};
 use crate::shard::{AttachCmd, Command, Peer, Resume};
+use crate::shared::Shared;
 
 /// Largest request head accepted; larger gets 431.
 pub const MAX_HEAD: usize = 8192;

@@ -3,9 +3,16 @@
 //! API listener's refusal of connections over `--api-max-connections`.
 //!
 //! Owns the contract's error envelope, `{"error":{"code","message"}}`
-//! ([`error_body`]), which the API's hyper responses use too.
+//! ([`error_body`]), and the API's JSON responses built on it ([`error`],
+//! [`json`]).
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Response, StatusCode};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+type Body = Full<Bytes>;
 
 /// A refusal: status line, machine code, message.
 #[derive(Debug)]
@@ -71,4 +78,27 @@ pub async fn write_response<S: AsyncWrite + Unpin>(
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body).await?;
     stream.shutdown().await
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    json_text(status, v.to_string())
+}
+
+/// A JSON response from already-formatted JSON text.
+pub fn json_text(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// An error response in the contract's shape.
+pub fn error(status: u16, code: &str, message: &str) -> Response<Body> {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = json_text(status, error_body(code, message));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
 }

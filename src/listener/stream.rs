@@ -33,9 +33,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch;
-use crate::broker::Shared;
-use crate::listener::api::{error, Slot};
+use crate::listener::reply::error;
+use crate::listener::watchdog::Slot;
 use crate::publish;
+use crate::shared::Shared;
 
 type Io = TokioIo<Upgraded>;
 

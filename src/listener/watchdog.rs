@@ -1,4 +1,6 @@
-//! Bounds how long an API connection may hold a socket without using it:
+//! Bounds how many API connections may be open ([`OpenConnections`],
+//! `--api-max-connections`) and how long one may hold a socket without
+//! using it:
 //! the first request head must arrive within `--handshake-timeout` of the
 //! accept, and a keep-alive connection with no request in flight is closed
 //! after `--idle-timeout` without traffic (contract §4).
@@ -15,7 +17,36 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+
+/// The API connections open at once, bounded by `--api-max-connections`.
+/// A connection holds a [`Slot`] from accept until its socket closes
+/// (a publisher stream keeps its connection's slot).
+#[derive(Clone)]
+pub struct OpenConnections {
+    slots: Arc<Semaphore>,
+    max: u32,
+}
+
+/// One open API connection's place.
+pub type Slot = Arc<OwnedSemaphorePermit>;
+
+impl OpenConnections {
+    pub fn new(max: usize) -> Self {
+        let max = u32::try_from(max).unwrap_or(u32::MAX).min(Semaphore::MAX_PERMITS as u32);
+        OpenConnections { slots: Arc::new(Semaphore::new(max as usize)), max }
+    }
+
+    pub(crate) fn try_open(&self) -> Option<Slot> {
+        self.slots.clone().try_acquire_owned().ok().map(Arc::new)
+    }
+
+    /// Resolves once every API connection has closed.
+    pub async fn all_closed(&self) {
+        let _ = self.slots.acquire_many(self.max).await;
+    }
+}
 
 /// When a connection last did something, and whether it is busy.
 #[derive(Debug)]

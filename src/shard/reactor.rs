@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use crate::broker::Shared;
 use crate::connection::{self, Conn, Enqueued, Outbound};
 use crate::metrics::{bump, Latency};
 use crate::protocol::{self, PreparedEvent, Priority, UserId, Welcome};
@@ -42,6 +41,7 @@ use crate::shard::{
     AttachCmd, BroadcastOutcome, Command, Delivery, Peer, PublishCmd, Resume, ShardHandle, ShardSnapshot,
     UserInfo,
 };
+use crate::shared::Shared;
 use tokio::sync::oneshot;
 
 /// Most commands applied before the reactor yields so writers can flush.
@@ -131,7 +131,7 @@ impl ShardCore {
         let epoch_seg = self
             .persist
             .as_ref()
-            .map_or(0, |p| p.borrow_mut().epoch(user.as_str(), &epoch, crate::publish::unix_ms()));
+            .map_or(0, |p| p.borrow_mut().epoch(user.as_str(), &epoch, protocol::unix_ms()));
         UserState::new(n, (epoch, epoch_seg), 0, now)
     }
 
@@ -284,12 +284,14 @@ impl ShardCore {
         self.budget.borrow_mut().adjust(before, (user.history.bytes(), user.history.len()));
         r
     }
+}
 
+impl connection::Owner for ShardCore {
     /// Moves held events of a replay still being written into `batch`,
     /// as many as fit; ends the replay once it has reached the user's seq.
     /// A replay overtaken by the history's eviction skips the lost events
     /// (a seq gap, counted as shed, as a slow consumer's queue would).
-    pub fn fill_replay(&self, conn: &Conn, batch: &mut Vec<Outbound>, max_frames: usize, max_bytes: usize) {
+    fn fill_replay(&self, conn: &Conn, batch: &mut Vec<Outbound>, max_frames: usize, max_bytes: usize) {
         let Some(mut next) = conn.replay_next.get() else { return };
         let users = self.users.borrow();
         let Some(u) = users.get(&conn.user) else {
@@ -315,6 +317,28 @@ impl ShardCore {
         conn.replay_next.set((next <= u.applied).then_some(next));
     }
 
+    fn written(&self, batch: &[Outbound], calls: u64) {
+        let now = Instant::now();
+        let m = &self.handle().metrics;
+        bump(&m.write_calls, calls);
+        bump(&m.frames_written, batch.len() as u64);
+        let mut events = 0;
+        let mut lat = self.latency.borrow_mut();
+        for o in batch {
+            if let Some(at) = o.accepted {
+                events += 1;
+                lat.record(o.priority, now.saturating_duration_since(at));
+            }
+        }
+        bump(&m.delivered, events);
+    }
+
+    fn deregister(&self, conn: &Conn) {
+        ShardCore::deregister(self, conn);
+    }
+}
+
+impl ShardCore {
     /// Assigns the next seq and encodes the event's frame once; with a disk
     /// engine, logs it. Returns the seq, the frame and the log segment.
     fn assign(
@@ -694,7 +718,7 @@ impl ShardCore {
             return; // events waiting for their sync are in no history yet
         }
         let now = Instant::now();
-        let now_ms = crate::publish::unix_ms();
+        let now_ms = protocol::unix_ms();
         let ms_of = |at: Instant| now_ms.saturating_sub(now.saturating_duration_since(at).as_millis() as u64);
         let mut users = self.users.borrow_mut();
         let mut p = persist.borrow_mut();
@@ -776,7 +800,7 @@ impl ShardCore {
             tracing::warn!(shard = self.id, records = skipped, "skipped log records this build cannot read");
         }
         let now = Instant::now();
-        let now_ms = crate::publish::unix_ms();
+        let now_ms = protocol::unix_ms();
         let ttl_ms = cfg.history_ttl.as_millis() as u64;
         let limits = history::Limits { events: cfg.history_size, bytes: cfg.history_bytes };
         let ago = |ms: u64| now.checked_sub(Duration::from_millis(now_ms.saturating_sub(ms))).unwrap_or(now);

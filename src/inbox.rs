@@ -1,0 +1,162 @@
+//! What the rest of the broker may say to a shard, and how: the commands a
+//! shard takes ([`Command`]), what comes back ([`Delivery`], [`UserInfo`],
+//! ...), and the [`ShardHandle`] everyone pushes them through (the shard's
+//! lock-free ring, its counters, its published latency copy). It sits below
+//! the shared context and the shard itself, so both can name it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::connection::HandedSocket;
+use crate::metrics::{Latency, ShardMetrics};
+use crate::protocol::{PreparedEvent, UserId};
+use crate::ring::{Permit, Ring, RingFull};
+
+/// Result of publishing one event to one user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Delivery {
+    pub seq: u64,
+    /// Live connections the event was queued to.
+    pub delivered: u32,
+    /// The publish's `id` was already accepted: `seq` is the first one's,
+    /// and nothing was published.
+    pub duplicate: bool,
+}
+
+/// One event for one user.
+pub struct PublishCmd {
+    pub user: UserId,
+    pub event: Arc<PreparedEvent>,
+    /// When the publish was accepted (latency starts here).
+    pub accepted: Instant,
+    /// Publish time, unix ms (the frame's `ts`).
+    pub ts_ms: u64,
+    /// Idempotency key.
+    pub id: Option<Arc<str>>,
+    pub reply: Option<oneshot::Sender<Delivery>>,
+}
+
+/// A resume request from `?since=&epoch=`.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub since: u64,
+    pub epoch: Option<String>,
+}
+
+/// Who is on the other end of an attached socket.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    /// An authenticated user, maybe resuming; `sse` for a `GET /sse` stream.
+    User { user: UserId, resume: Option<Resume>, sse: bool },
+    /// An `--echo-path` connection (conformance aid): no user, no events.
+    Echo,
+}
+
+/// A validated (and for users, authenticated) upgrade handed over to a shard.
+pub struct AttachCmd {
+    pub peer: Peer,
+    pub socket: HandedSocket,
+    /// The `101 Switching Protocols` (or SSE `200`) response, written first.
+    pub response: Bytes,
+    /// Bytes the listener read past the request head (already client frames).
+    pub leftover: Bytes,
+}
+
+/// Broadcast results from one shard.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BroadcastOutcome {
+    pub users: u64,
+    pub delivered: u64,
+}
+
+/// A user as seen by `GET /v1/users/{id}`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UserInfo {
+    pub user: String,
+    pub connections: usize,
+    pub seq: u64,
+    pub history: usize,
+    pub history_bytes: usize,
+    pub epoch: String,
+    /// Event frames queued on each of the user's connections.
+    pub queued: Vec<usize>,
+}
+
+/// A shard's figures for `/v1/stats` and `/metrics`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ShardSnapshot {
+    pub shard: usize,
+    pub connections: usize,
+    pub users: usize,
+    pub queued: usize,
+    pub max_queue_depth: usize,
+    pub history_events: usize,
+    pub history_bytes: usize,
+}
+
+/// Everything a shard can be asked to do.
+pub enum Command {
+    /// Stop: everything pushed before this has been applied; drain the
+    /// connections (flush, close 1001) until `deadline`.
+    Shutdown {
+        deadline: Instant,
+    },
+    Publish(PublishCmd),
+    Broadcast {
+        event: Arc<PreparedEvent>,
+        accepted: Instant,
+        ts_ms: u64,
+        reply: oneshot::Sender<BroadcastOutcome>,
+    },
+    Attach(Box<AttachCmd>),
+    UserInfo {
+        user: UserId,
+        reply: oneshot::Sender<Option<UserInfo>>,
+    },
+    DropUser {
+        user: UserId,
+        reply: oneshot::Sender<usize>,
+    },
+    Snapshot {
+        reply: oneshot::Sender<ShardSnapshot>,
+    },
+    Latency {
+        reset: bool,
+        reply: oneshot::Sender<Box<Latency>>,
+    },
+}
+
+/// The shared face of a shard: its inbox and its counters.
+pub struct ShardHandle {
+    pub id: usize,
+    pub ring: Ring<Command>,
+    pub metrics: ShardMetrics,
+    /// The shard's latency histograms as of its last heartbeat, for
+    /// `/metrics` (read without asking the shard).
+    pub latency: ArcSwap<Latency>,
+}
+
+impl ShardHandle {
+    pub fn new(id: usize, ring_capacity: usize) -> Self {
+        ShardHandle {
+            id,
+            ring: Ring::new(ring_capacity),
+            metrics: ShardMetrics::default(),
+            latency: ArcSwap::from_pointee(Latency::default()),
+        }
+    }
+
+    /// Reserves room for `n` commands, counting a refusal in `ring_full`.
+    pub fn reserve(&self, n: usize) -> Result<Permit<'_, Command>, RingFull> {
+        self.ring.reserve(n).inspect_err(|_| crate::metrics::bump(&self.metrics.ring_full, 1))
+    }
+
+    /// Pushes one command, counting a refusal in `ring_full`.
+    pub fn push(&self, cmd: Command) -> Result<(), (RingFull, Command)> {
+        self.ring.push(cmd).inspect_err(|_| crate::metrics::bump(&self.metrics.ring_full, 1))
+    }
+}
