@@ -1,5 +1,6 @@
-//! The upgrade-request parser and authenticator: any request head gives a
-//! parsed request or a refusal with a 4xx status, never a panic.
+//! The upgrade-request parser (WebSocket and SSE) and authenticator: any
+//! request head gives a parsed request or a refusal with a 4xx status, never
+//! a panic.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use switchyard::auth::{Authenticator, Credentials};
@@ -7,7 +8,7 @@ use switchyard::listener::client::{parse_request, Parsed};
 
 fuzz_target!(|data: &[u8]| {
     match parse_request(data, Some("/echo")) {
-        Ok(Parsed::Upgrade(up)) => {
+        Ok(Parsed::Upgrade(up) | Parsed::Sse(up)) => {
             let creds = Credentials {
                 query_user: up.query_user.as_deref(),
                 query_token: up.query_token.as_deref(),
