@@ -1,10 +1,11 @@
-//! Operator views: `/v1/stats` JSON, `/metrics` Prometheus text, and the
-//! merged latency histogram as `.hgrm` text.
+//! Operator views: `/v1/stats` JSON, `/metrics` Prometheus text, the
+//! merged latency histogram as `.hgrm` text, and the `/dashboard` page.
 //!
-//! Shard-owned figures (gauges that need a walk, histograms) are requested
-//! through each shard's ring and merged here, so a shard is never stopped or
-//! locked to be observed; plain counters are read straight from the
-//! per-shard atomics.
+//! `/v1/stats` and `/debug/histograms` (behind the API key) ask each shard
+//! through its ring for fresh figures and merge them, so a shard is never
+//! stopped or locked to be observed. `/metrics` (no key) only reads what the
+//! shards publish on their heartbeat — atomics and a copy of their latency
+//! histograms — so a scrape never makes a shard do work.
 
 use std::fmt::Write as _;
 
