@@ -282,6 +282,8 @@ pub async fn run_writer<O: Owner>(core: Rc<O>, conn: Rc<Conn>, mut sock: WriteSi
     let mut greeting = Some(Outbound { frame: greeting, accepted: None, priority: Priority::High });
     loop {
         batch.clear();
+        // Whether this batch starts with the greeting (only the first does).
+        let greets = greeting.is_some();
         batch.extend(greeting.take());
         let step = std::future::poll_fn(|cx| next_step(&*core, &conn, &mut batch, cx)).await;
         match step {
@@ -301,9 +303,14 @@ pub async fn run_writer<O: Owner>(core: Rc<O>, conn: Rc<Conn>, mut sock: WriteSi
                 };
                 match res {
                     Ok(calls) => core.written(&batch, calls),
-                    Err(WriteFailed::Aborted { rest }) => {
+                    Err(WriteFailed::Aborted { rest, untouched }) => {
                         let urgent = conn.closing.borrow().clone();
                         let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
+                            if greets && untouched {
+                                // Closed before a byte went out: the `101`
+                                // still rides ahead of the close frame.
+                                sock.write_all(&batch[0].frame).await?;
+                            }
                             if let Some(rest) = rest {
                                 sock.write_all(&rest).await?;
                             }
@@ -372,7 +379,8 @@ enum WriteFailed {
     /// Closed with [`CloseMode::Now`] mid-batch; `rest` is the unwritten tail
     /// of a frame that was partly written (it must go out before the close
     /// frame, or the client would see a torn frame).
-    Aborted { rest: Option<Bytes> },
+    /// `untouched`: not a byte of the batch was written.
+    Aborted { rest: Option<Bytes>, untouched: bool },
 }
 
 /// Writes every frame in `batch`, using as few vectored writes as the kernel
@@ -386,7 +394,7 @@ async fn write_batch(conn: &Conn, sock: &mut WriteSide, batch: &[Outbound]) -> R
         let n = std::future::poll_fn(|cx| {
             if matches!(&*conn.closing.borrow(), Some(CloseMode::Now(_))) {
                 let rest = (off > 0).then(|| batch[idx].frame.slice(off..));
-                return Poll::Ready(Err(WriteFailed::Aborted { rest }));
+                return Poll::Ready(Err(WriteFailed::Aborted { rest, untouched: idx == 0 && off == 0 }));
             }
             let rest = &batch[idx..];
             let mut slices = [IoSlice::new(&[]); MAX_BATCH];
@@ -411,7 +419,7 @@ async fn write_batch(conn: &Conn, sock: &mut WriteSide, batch: &[Outbound]) -> R
         Poll::Ready(r) => Poll::Ready(r.map_err(|_| WriteFailed::Io)),
         // The frames are whole inside the session: nothing is torn.
         Poll::Pending if matches!(&*conn.closing.borrow(), Some(CloseMode::Now(_))) => {
-            Poll::Ready(Err(WriteFailed::Aborted { rest: None }))
+            Poll::Ready(Err(WriteFailed::Aborted { rest: None, untouched: false }))
         }
         Poll::Pending => {
             conn.park(cx);
