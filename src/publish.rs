@@ -105,7 +105,7 @@ impl Published {
     }
 }
 
-pub use crate::protocol::unix_ms;
+use crate::protocol::unix_ms;
 
 /// Size-checks and parses one raw publish object.
 pub fn parse_raw(shared: &Shared, raw: &[u8]) -> Result<PublishRequest, PublishError> {
@@ -127,26 +127,51 @@ fn step_size(shared: &Shared) -> usize {
 /// rest of it is answered 503 (only a shard stalled that long does this).
 const STEP_WAIT: Duration = Duration::from_secs(5);
 
-/// Whether every shard's share of these items fits in one step.
-fn fits_in_one_step(shared: &Shared, items: &[Result<PublishRequest, PublishError>]) -> bool {
+/// A parsed item with the shard of each of its users, in target order.
+type Routed = Result<(PublishRequest, Vec<usize>), PublishError>;
+
+/// Routes every target once; also returns how many commands each shard gets.
+fn route(shared: &Shared, items: Vec<Result<PublishRequest, PublishError>>) -> (Vec<Routed>, Vec<usize>) {
     let mut counts = vec![0usize; shared.shards.len()];
-    for req in items.iter().flatten() {
-        match &req.target {
-            Target::One(u) => counts[shared.router.shard_for(u)] += 1,
-            Target::Many(us) => us.iter().for_each(|u| counts[shared.router.shard_for(u)] += 1),
-        }
+    let routed = items
+        .into_iter()
+        .map(|r| {
+            r.map(|req| {
+                let shards: Vec<usize> = match &req.target {
+                    Target::One(u) => vec![shared.router.shard_for(u)],
+                    Target::Many(us) => us.iter().map(|u| shared.router.shard_for(u)).collect(),
+                };
+                shards.iter().for_each(|&s| counts[s] += 1);
+                (req, shards)
+            })
+        })
+        .collect();
+    (routed, counts)
+}
+
+/// A publish split for its users: whether it was a `users` list, its users
+/// in order, and what each user's command shares.
+fn split(req: PublishRequest) -> (bool, Vec<UserId>, Arc<PreparedEvent>, Option<Arc<str>>) {
+    match req.target {
+        Target::One(u) => (false, vec![u], req.event, req.id),
+        Target::Many(us) => (true, us, req.event, req.id),
     }
-    counts.iter().all(|&n| n <= step_size(shared))
+}
+
+/// An item's replies to wait for: one, or one per user of a `users` list.
+fn pending_of(many: bool, mut pending: Vec<(UserId, Option<oneshot::Receiver<Delivery>>)>) -> Pending {
+    if many {
+        Pending::Many(pending)
+    } else {
+        Pending::One(pending.pop().and_then(|(_, rx)| rx))
+    }
 }
 
 /// Submits items too large for one reservation: commands are buffered per
 /// shard and pushed a step at a time, waiting for room between steps. Every
 /// command carries a reply channel, so a step that could not be pushed is
 /// reported for its items instead of lost.
-async fn submit_stepwise(
-    shared: &Shared,
-    items: Vec<Result<PublishRequest, PublishError>>,
-) -> Vec<Result<Pending, PublishError>> {
+async fn submit_stepwise(shared: &Shared, items: Vec<Routed>) -> Vec<Result<Pending, PublishError>> {
     let accepted = Instant::now();
     let ts_ms = unix_ms();
     let step = step_size(shared);
@@ -154,40 +179,32 @@ async fn submit_stepwise(
     let mut buffers: Vec<Vec<Command>> = (0..shared.shards.len()).map(|_| Vec::new()).collect();
     let mut out = Vec::with_capacity(items.len());
     for item in items {
-        let req = match item {
-            Ok(req) => req,
+        let (req, shards) = match item {
+            Ok(routed) => routed,
             Err(e) => {
                 out.push(Err(e));
                 continue;
             }
         };
-        let many = matches!(req.target, Target::Many(_));
-        let users = match req.target {
-            Target::One(u) => vec![u],
-            Target::Many(us) => us,
-        };
+        let (many, users, event, id) = split(req);
         let mut pending = Vec::with_capacity(users.len());
-        for user in users {
-            let s = shared.router.shard_for(&user);
+        for (user, s) in users.into_iter().zip(shards) {
             let (tx, rx) = oneshot::channel();
-            buffers[s].push(Command::Publish(PublishCmd {
+            let cmd = PublishCmd {
                 user: user.clone(),
-                event: req.event.clone(),
+                event: event.clone(),
                 accepted,
                 ts_ms,
-                id: req.id.clone(),
+                id: id.clone(),
                 reply: Some(tx),
-            }));
+            };
+            buffers[s].push(Command::Publish(cmd));
             pending.push((user, Some(rx)));
             if buffers[s].len() >= step {
                 push_step(shared, s, &mut buffers[s], deadline).await;
             }
         }
-        out.push(Ok(if many {
-            Pending::Many(pending)
-        } else {
-            Pending::One(pending.pop().and_then(|(_, rx)| rx))
-        }));
+        out.push(Ok(pending_of(many, pending)));
     }
     for (s, buf) in buffers.iter_mut().enumerate() {
         push_step(shared, s, buf, deadline).await;
@@ -224,33 +241,14 @@ async fn push_step(shared: &Shared, s: usize, buf: &mut Vec<Command>, deadline: 
 /// Each item is all-or-nothing: an item with a target on a shard whose ring
 /// cannot take this batch's commands gets `Overloaded` and pushes nothing;
 /// the other items proceed. Items that were already errors pass through.
-pub fn submit_all(
+fn submit_all(
     shared: &Shared,
-    items: Vec<Result<PublishRequest, PublishError>>,
+    routed: Vec<Routed>,
+    counts: &[usize],
     want_reply: bool,
 ) -> Vec<Result<Pending, PublishError>> {
     let accepted = Instant::now();
     let ts_ms = unix_ms();
-    let nshards = shared.shards.len();
-    // Route every target once.
-    let routed: Vec<Result<(PublishRequest, Vec<usize>), PublishError>> = items
-        .into_iter()
-        .map(|r| {
-            r.map(|req| {
-                let shards = match &req.target {
-                    Target::One(u) => vec![shared.router.shard_for(u)],
-                    Target::Many(us) => us.iter().map(|u| shared.router.shard_for(u)).collect(),
-                };
-                (req, shards)
-            })
-        })
-        .collect();
-    let mut counts = vec![0usize; nshards];
-    for (_, shards) in routed.iter().flatten() {
-        for &s in shards {
-            counts[s] += 1;
-        }
-    }
     // One reservation per shard; a shard that cannot take it all takes nothing.
     let mut permits: Vec<Option<Permit<'_, Command>>> = counts
         .iter()
@@ -264,11 +262,7 @@ pub fn submit_all(
             if shards.iter().any(|&s| permits[s].is_none()) {
                 return Err(PublishError::Overloaded);
             }
-            let many = matches!(req.target, Target::Many(_));
-            let users = match req.target {
-                Target::One(u) => vec![u],
-                Target::Many(us) => us,
-            };
+            let (many, users, event, id) = split(req);
             let mut pending = Vec::with_capacity(users.len());
             for (user, s) in users.into_iter().zip(shards) {
                 let (tx, rx) = if want_reply {
@@ -278,18 +272,19 @@ pub fn submit_all(
                     (None, None)
                 };
                 if let Some(p) = permits[s].as_mut() {
-                    p.push(Command::Publish(PublishCmd {
+                    let cmd = PublishCmd {
                         user: user.clone(),
-                        event: req.event.clone(),
+                        event: event.clone(),
                         accepted,
                         ts_ms,
-                        id: req.id.clone(),
+                        id: id.clone(),
                         reply: tx,
-                    }));
+                    };
+                    p.push(Command::Publish(cmd));
                 }
                 pending.push((user, rx));
             }
-            Ok(if many { Pending::Many(pending) } else { Pending::One(pending.pop().and_then(|(_, rx)| rx)) })
+            Ok(pending_of(many, pending))
         })
         .collect();
     drop(permits); // wakes each shard once
@@ -307,11 +302,12 @@ pub async fn publish_items(
     items: &[&[u8]],
     want_reply: bool,
 ) -> Vec<Result<Published, PublishError>> {
-    let parsed: Vec<_> = items.iter().map(|raw| parse_raw(shared, raw)).collect();
-    let submitted = if fits_in_one_step(shared, &parsed) {
-        submit_all(shared, parsed, want_reply)
+    let parsed = items.iter().map(|raw| parse_raw(shared, raw)).collect();
+    let (routed, counts) = route(shared, parsed);
+    let submitted = if counts.iter().all(|&n| n <= step_size(shared)) {
+        submit_all(shared, routed, &counts, want_reply)
     } else {
-        submit_stepwise(shared, parsed).await
+        submit_stepwise(shared, routed).await
     };
     let mut out = Vec::with_capacity(items.len());
     for submitted in submitted {
