@@ -22,7 +22,7 @@ use crate::protocol::Priority;
 use crate::shard::{BroadcastOutcome, Delivery};
 
 /// Work waiting for its batch to be durable.
-pub enum Held {
+pub enum Deferred {
     /// An event with its seq assigned: store, fan out, answer.
     Event {
         user: crate::protocol::UserId,
@@ -58,7 +58,7 @@ pub struct Persist {
     pub log: Log,
     /// Whether replies and deliveries wait for the sync (`--fsync always`).
     pub hold: bool,
-    held: VecDeque<(u64, Held)>,
+    held: VecDeque<(u64, Deferred)>,
 }
 
 impl Persist {
@@ -108,7 +108,7 @@ impl Persist {
 
     /// Holds `work` until everything appended so far is durable; gives it
     /// back when that is already so (nothing pending, the last batch done).
-    pub fn hold(&mut self, work: Held) -> Option<Held> {
+    pub fn hold(&mut self, work: Deferred) -> Option<Deferred> {
         // The batch that will carry this pass's records; with nothing pending,
         // the last batch committed (it may still be syncing).
         let batch = if self.log.has_pending() { self.log.next_batch() } else { self.log.next_batch() - 1 };
@@ -132,7 +132,7 @@ impl Persist {
     }
 
     /// Takes the held work whose batch is durable, oldest first.
-    pub fn take_durable(&mut self, done: u64) -> Vec<Held> {
+    pub fn take_durable(&mut self, done: u64) -> Vec<Deferred> {
         let mut out = Vec::new();
         while self.held.front().is_some_and(|(b, _)| *b <= done) {
             if let Some((_, w)) = self.held.pop_front() {

@@ -34,9 +34,9 @@ use crate::connection::{self, Conn, Enqueued, Outbound};
 use crate::metrics::{bump, Latency};
 use crate::protocol::{self, PreparedEvent, Priority, UserId, Welcome};
 use crate::shard::budget::{Budget, Stored};
-use crate::shard::history::{self, Held as Held2, History, Replay};
+use crate::shard::history::{self, Held, History, Replay};
 use crate::shard::idempotency::Keys;
-use crate::shard::persist::{Held, Persist};
+use crate::shard::persist::{Deferred, Persist};
 use crate::shard::{
     AttachCmd, BroadcastOutcome, Command, Delivery, Peer, PublishCmd, Resume, ShardHandle, ShardSnapshot,
     UserInfo,
@@ -181,15 +181,11 @@ impl ShardCore {
             if let Some(seq) = user.keys.get(id) {
                 bump(&self.handle().metrics.duplicates, 1);
                 if let Some(reply) = p.reply {
-                    let delivery = Delivery { seq, delivered: 0, duplicate: true };
                     // The first publish may still be waiting for its sync.
-                    let now_or_never = match self.holding() {
-                        Some(persist) => persist.borrow_mut().hold(Held::Reply { reply, delivery }),
-                        None => Some(Held::Reply { reply, delivery }),
-                    };
-                    if let Some(Held::Reply { reply, delivery }) = now_or_never {
-                        let _ = reply.send(delivery);
-                    }
+                    self.answer_after_sync(Deferred::Reply {
+                        reply,
+                        delivery: Delivery { seq, delivered: 0, duplicate: true },
+                    });
                 }
                 return;
             }
@@ -199,7 +195,7 @@ impl ShardCore {
             user.keys.insert(id, seq, now, seg);
         }
         if let Some(persist) = self.holding() {
-            let held = Held::Event {
+            let held = Deferred::Event {
                 user: p.user,
                 seq,
                 seg,
@@ -236,17 +232,17 @@ impl ShardCore {
         let mut users = self.users.borrow_mut();
         for w in work {
             match w {
-                Held::Event { user: id, seq, seg, frame, priority, accepted, reply } => {
+                Deferred::Event { user: id, seq, seg, frame, priority, accepted, reply } => {
                     let Some(user) = users.get_mut(&id) else { continue };
                     let delivered = self.apply_event(&id, user, (seq, seg), frame, priority, accepted, now);
                     if let Some(reply) = reply {
                         let _ = reply.send(Delivery { seq, delivered, duplicate: false });
                     }
                 }
-                Held::Reply { reply, delivery } => {
+                Deferred::Reply { reply, delivery } => {
                     let _ = reply.send(delivery);
                 }
-                Held::Broadcast { reply, outcome } => {
+                Deferred::Broadcast { reply, outcome } => {
                     let _ = reply.send(outcome);
                 }
             }
@@ -275,6 +271,19 @@ impl ShardCore {
                 u.incarnation == s.incarnation && u.history.first_seq().is_some_and(|f| f <= s.seq)
             })
         });
+    }
+
+    /// Appends an event to a user's history (within `--history-size` and
+    /// `--history-bytes`) and enters it in the shard's eviction order.
+    fn store_in_history(&self, user_id: &UserId, user: &mut UserState, held: Held) {
+        let cfg = &self.shared.config;
+        let seq = held.seq;
+        let limits = history::Limits { events: cfg.history_size, bytes: cfg.history_bytes };
+        self.with_history(user, |h| h.push(held, limits));
+        if user.history.first_seq().is_some() {
+            let stored = Stored { user: user_id.clone(), incarnation: user.incarnation, seq };
+            self.budget.borrow_mut().stored(stored);
+        }
     }
 
     /// Runs `f` on a user's history and applies the change to the budget.
@@ -373,16 +382,9 @@ impl ShardCore {
         accepted: Instant,
         now: Instant,
     ) -> u32 {
-        let cfg = &self.shared.config;
         let m = &self.handle().metrics;
         user.applied = seq;
-        let held = Held2 { seq, frame: frame.clone(), priority, at: now, seg };
-        let limits = history::Limits { events: cfg.history_size, bytes: cfg.history_bytes };
-        self.with_history(user, |h| h.push(held, limits));
-        if user.history.first_seq().is_some() {
-            let stored = Stored { user: user_id.clone(), incarnation: user.incarnation, seq };
-            self.budget.borrow_mut().stored(stored);
-        }
+        self.store_in_history(user_id, user, Held { seq, frame: frame.clone(), priority, at: now, seg });
         bump(&m.published, 1);
         let conns = self.conns.borrow();
         let mut delivered = 0;
@@ -435,7 +437,7 @@ impl ShardCore {
             let (seq, frame, seg) = self.assign(id, user, ev, ts_ms, None, now);
             if let Some(persist) = holding {
                 out.delivered += user.conns.len() as u64;
-                let held = Held::Event {
+                let held = Deferred::Event {
                     user: id.clone(),
                     seq,
                     seg,
@@ -451,15 +453,23 @@ impl ShardCore {
             }
         }
         drop(users);
-        let now_or_later = match holding {
-            Some(persist) => persist.borrow_mut().hold(Held::Broadcast { reply, outcome: out }),
-            None => {
-                self.enforce_budget();
-                Some(Held::Broadcast { reply, outcome: out })
-            }
+        if holding.is_none() {
+            self.enforce_budget();
+        }
+        self.answer_after_sync(Deferred::Broadcast { reply, outcome: out });
+    }
+
+    /// Sends an answer now, or with `--fsync always` once everything logged
+    /// before it is synced.
+    fn answer_after_sync(&self, answer: Deferred) {
+        let now = match self.holding() {
+            Some(persist) => persist.borrow_mut().hold(answer),
+            None => Some(answer),
         };
-        if let Some(Held::Broadcast { reply, outcome }) = now_or_later {
-            let _ = reply.send(outcome);
+        match now {
+            Some(Deferred::Reply { reply, delivery }) => drop(reply.send(delivery)),
+            Some(Deferred::Broadcast { reply, outcome }) => drop(reply.send(outcome)),
+            Some(Deferred::Event { .. }) | None => {}
         }
     }
 
@@ -717,26 +727,11 @@ impl ShardCore {
         if persist.borrow().has_held() {
             return; // events waiting for their sync are in no history yet
         }
-        let now = Instant::now();
-        let now_ms = protocol::unix_ms();
-        let ms_of = |at: Instant| now_ms.saturating_sub(now.saturating_duration_since(at).as_millis() as u64);
+        let clock = (Instant::now(), protocol::unix_ms());
         let mut users = self.users.borrow_mut();
         let mut p = persist.borrow_mut();
-        let mut carried = 0u64;
-        for (id, u) in users.iter_mut() {
-            if u.epoch_seg <= old {
-                u.epoch_seg = p.epoch(id.as_str(), &u.epoch, now_ms);
-                carried += 1;
-            }
-            for h in u.history.iter_mut().filter(|h| h.seg <= old) {
-                h.seg = p.event(id.as_str(), h.seq, ms_of(h.at), h.priority, None, &h.frame);
-                carried += 1;
-            }
-            for k in u.keys.iter_mut().filter(|k| k.seg <= old) {
-                k.seg = p.key(id.as_str(), &k.id, k.seq, ms_of(k.at));
-                carried += 1;
-            }
-        }
+        let carried: u64 =
+            users.iter_mut().map(|(id, u)| relog(&mut p, id, u, |seg| seg <= old, clock)).sum();
         p.commit();
         p.log.remove_segment(old);
         tracing::debug!(shard = self.id, segment = old, carried, "reclaimed a log segment");
@@ -802,7 +797,6 @@ impl ShardCore {
         let now = Instant::now();
         let now_ms = protocol::unix_ms();
         let ttl_ms = cfg.history_ttl.as_millis() as u64;
-        let limits = history::Limits { events: cfg.history_size, bytes: cfg.history_bytes };
         let ago = |ms: u64| now.checked_sub(Duration::from_millis(now_ms.saturating_sub(ms))).unwrap_or(now);
         let mut users = self.users.borrow_mut();
         let mut count = 0;
@@ -812,37 +806,27 @@ impl ShardCore {
                 continue; // idle past its TTL while the broker was down
             }
             let (n, new_epoch) = self.next_incarnation();
-            // Records keep their segments; a fresh epoch is a new record.
-            let (epoch, epoch_seg): (Rc<str>, u64) = if fresh_epochs {
-                let seg = persist.borrow_mut().epoch(&name, &new_epoch, now_ms);
-                (new_epoch, seg)
-            } else {
-                let e: Rc<str> = r.epoch.as_str().into();
-                let seg = persist.borrow_mut().epoch(&name, &e, r.last_ms);
-                (e, seg)
-            };
-            let mut user = UserState::new(n, (epoch, epoch_seg), r.seq, ago(r.last_ms));
-            // Restored events and keys are written again (to the current
-            // segment), so older segments hold nothing live after a restart
-            // and are reclaimed as the log grows.
+            let epoch: Rc<str> = if fresh_epochs { new_epoch } else { r.epoch.as_str().into() };
+            let mut user = UserState::new(n, (epoch, 0), r.seq, ago(r.last_ms));
             for (seq, (at_ms, priority, frame)) in r.events {
-                if now_ms.saturating_sub(at_ms) >= ttl_ms {
-                    continue;
-                }
-                let seg = persist.borrow_mut().event(&name, seq, at_ms, priority, None, &frame);
-                let held = Held2 { seq, frame, priority, at: ago(at_ms), seg };
-                self.with_history(&mut user, |h| h.push(held, limits));
-                if user.history.first_seq().is_some() {
-                    self.budget.borrow_mut().stored(Stored { user: id.clone(), incarnation: n, seq });
+                if now_ms.saturating_sub(at_ms) < ttl_ms {
+                    self.store_in_history(
+                        &id,
+                        &mut user,
+                        Held { seq, frame, priority, at: ago(at_ms), seg: 0 },
+                    );
                 }
             }
             let mut keys: Vec<_> =
                 r.keys.into_iter().filter(|(_, (_, at))| now_ms.saturating_sub(*at) < ttl_ms).collect();
             keys.sort_by_key(|(_, (_, at))| *at);
             for (key, (seq, at_ms)) in keys {
-                let seg = persist.borrow_mut().key(&name, &key, seq, at_ms);
-                user.keys.insert(key.into(), seq, ago(at_ms), seg);
+                user.keys.insert(key.into(), seq, ago(at_ms), 0);
             }
+            // What was restored (a fresh epoch included) is written again to
+            // the current segment, so older segments hold nothing live after
+            // a restart and are reclaimed as the log grows.
+            relog(&mut persist.borrow_mut(), &id, &mut user, |_| true, (now, now_ms));
             users.insert(id, user);
             count += 1;
         }
@@ -863,6 +847,37 @@ impl ShardCore {
     fn connection_count(&self) -> usize {
         self.conns.borrow().len()
     }
+}
+
+/// Writes again, to the log's current segment, what of a user's state lives
+/// in segments `stale` selects — its epoch, held events and idempotency
+/// keys — so those segments can be deleted. Times stay what they were (the
+/// epoch record carries the user's last activity, so a restart does not
+/// restart its TTL); `clock` is one (monotonic, unix ms) reading of now.
+/// Returns the records written.
+fn relog(
+    p: &mut Persist,
+    id: &UserId,
+    u: &mut UserState,
+    stale: impl Fn(u64) -> bool,
+    clock: (Instant, u64),
+) -> u64 {
+    let (now, now_ms) = clock;
+    let ms_of = |at: Instant| now_ms.saturating_sub(now.saturating_duration_since(at).as_millis() as u64);
+    let mut written = 0;
+    if stale(u.epoch_seg) {
+        u.epoch_seg = p.epoch(id.as_str(), &u.epoch, ms_of(u.touched));
+        written += 1;
+    }
+    for h in u.history.iter_mut().filter(|h| stale(h.seg)) {
+        h.seg = p.event(id.as_str(), h.seq, ms_of(h.at), h.priority, None, &h.frame);
+        written += 1;
+    }
+    for k in u.keys.iter_mut().filter(|k| stale(k.seg)) {
+        k.seg = p.key(id.as_str(), &k.id, k.seq, ms_of(k.at));
+        written += 1;
+    }
+    written
 }
 
 /// The placeholder user of echo connections (never in the user map).
