@@ -229,8 +229,23 @@ pub fn now_secs() -> u64 {
 
 /// Starts the binary with JSON logs; returns the child and its two addresses.
 pub fn spawn_binary(extra: &[&str]) -> (std::process::Child, String, String) {
+    spawn_logged(loopback_broker(extra))
+}
+
+/// The binary on ephemeral loopback ports, with `extra` flags.
+fn loopback_broker(extra: &[&str]) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
     cmd.args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"]).args(extra);
+    cmd
+}
+
+/// [`spawn_binary`] for tests that measure RSS: the allocator (mimalloc)
+/// returns freed pages to the OS at once instead of keeping them for reuse
+/// until the thread that owns them allocates again, so RSS shows the
+/// memory the broker still holds rather than pages it has freed.
+pub fn spawn_binary_measuring_rss(extra: &[&str]) -> (std::process::Child, String, String) {
+    let mut cmd = loopback_broker(extra);
+    cmd.env("MIMALLOC_PURGE_DELAY", "0");
     spawn_logged(cmd)
 }
 
