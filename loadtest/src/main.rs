@@ -359,7 +359,8 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
     for i in 0..total_conns {
         let user = i % common.users;
         let slow = slow_every > 0 && i % slow_every == 0;
-        let (ws, welcome) = connect(&target, &common, user, i, None)
+        // A few tries: on a lossy link a handshake can be lost like anything else.
+        let (ws, welcome) = connect_retrying(&target, &common, user, i, None, 5)
             .await
             .with_context(|| format!("connecting client {i}"))?;
         conn_tasks.push(tokio::spawn(client_task(run.clone(), target.clone(), user, i, slow, ws, welcome)));
@@ -1002,23 +1003,46 @@ async fn reconnect(
     epoch: &mut String,
     check: &mut ConnCheck,
 ) -> bool {
-    for _ in 0..50 {
-        match connect(target, &run.common, user, index, Some((check.resume_point(), epoch))).await {
-            Ok((new_ws, welcome)) => {
-                run.resumes.fetch_add(1, Ordering::Relaxed);
-                if welcome["recovered"] != true {
-                    run.resume_failed.fetch_add(1, Ordering::Relaxed);
-                }
-                *epoch = welcome["epoch"].as_str().unwrap_or_default().to_string();
-                *ws = new_ws;
-                check.resumed();
-                return true;
+    match connect_retrying(target, &run.common, user, index, Some((check.resume_point(), epoch)), 50).await {
+        Ok((new_ws, welcome)) => {
+            run.resumes.fetch_add(1, Ordering::Relaxed);
+            if welcome["recovered"] != true {
+                run.resume_failed.fetch_add(1, Ordering::Relaxed);
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            *epoch = welcome["epoch"].as_str().unwrap_or_default().to_string();
+            *ws = new_ws;
+            check.resumed();
+            true
+        }
+        Err(_) => {
+            run.resume_failed.fetch_add(1, Ordering::Relaxed);
+            false
         }
     }
-    run.resume_failed.fetch_add(1, Ordering::Relaxed);
-    false
+}
+
+/// [`connect`], tried up to `attempts` times (each bounded to 10 s, 20 ms
+/// apart); the last error if none succeeds.
+async fn connect_retrying(
+    target: &str,
+    common: &Common,
+    user: usize,
+    index: usize,
+    resume: Option<(u64, &str)>,
+    attempts: usize,
+) -> anyhow::Result<(Conn, Value)> {
+    let mut last = anyhow!("no connection attempt");
+    for _ in 0..attempts.max(1) {
+        match tokio::time::timeout(Duration::from_secs(10), connect(target, common, user, index, resume))
+            .await
+        {
+            Ok(Ok(c)) => return Ok(c),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = anyhow!("no connection within 10 s"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(last)
 }
 
 /// Live progress: an indicatif line redrawn in place on a terminal, plain

@@ -133,6 +133,7 @@ impl Lab {
             .expect("switchyard-load runs");
         let text =
             format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        eprintln!("{text}");
         assert!(out.status.success(), "switchyard-load failed:\n{text}");
         let v: Value = serde_json::from_slice(&std::fs::read(&json).expect("summary")).expect("JSON summary");
         for k in ["lost", "duplicated", "reordered", "misrouted"] {
