@@ -14,6 +14,8 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
+use crate::cluster::live::Live;
+use crate::cluster::Engine;
 use crate::config::Config;
 use crate::engine::datadir::DataDir;
 use crate::listener;
@@ -41,6 +43,8 @@ pub enum StartError {
     DataDir(#[from] crate::engine::datadir::DataDirError),
     #[error("--data-dir is not set")]
     NoDataDir,
+    #[error("--cluster: {0}")]
+    Cluster(crate::cluster::EngineError),
     #[error("--data-dir {path}: it holds {found} shards' logs, but --shards is {want}; start with --shards {found}")]
     ShardCount { path: std::path::PathBuf, found: usize, want: usize },
 }
@@ -57,6 +61,7 @@ impl StartError {
             StartError::BindClient { .. }
             | StartError::BindApi { .. }
             | StartError::Random(_)
+            | StartError::Cluster(_)
             | StartError::Runtime(_)
             | StartError::Thread(_) => 1,
         }
@@ -188,9 +193,24 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     let client_addr = client.local_addr().map_err(StartError::Runtime)?;
     let api_addr = api.local_addr().map_err(StartError::Runtime)?;
 
+    let io = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.io_threads)
+        .thread_name("io")
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
+    let (cluster, subscriber) = match &config.cluster {
+        Some(_) => {
+            let (engine, sub) = io.block_on(Engine::open(&config, &boot)).map_err(StartError::Cluster)?;
+            (Some(engine), Some(sub))
+        }
+        None => (None, None),
+    };
+
     let shards: Box<[ShardHandle]> =
         (0..config.shards).map(|i| ShardHandle::new(i, config.ring_capacity)).collect();
     let shared = Arc::new(Shared {
+        cluster,
         router: match routing_keys {
             Some(keys) => Router::with_seed(RoutingTable::uniform(config.shards), keys),
             None => Router::new(RoutingTable::uniform(config.shards)),
@@ -223,18 +243,17 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         threads.push(t);
     }
 
-    let io = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(shared.config.io_threads)
-        .thread_name("io")
-        .enable_all()
-        .build()
-        .map_err(StartError::Runtime)?;
     {
         let _guard = io.enter();
         let client = tokio::net::TcpListener::from_std(client).map_err(StartError::Runtime)?;
         let api = tokio::net::TcpListener::from_std(api).map_err(StartError::Runtime)?;
         io.spawn(listener::client::serve(client, tls, shared.clone(), shutdown.clone()));
         io.spawn(listener::api::serve(api, api_tls, shared.clone(), api_open.clone(), shutdown.clone()));
+        if let (Some(engine), Some(sub)) = (&shared.cluster, subscriber) {
+            io.spawn(engine.clone().heartbeat());
+            io.spawn(sub.run(Arc::new(ShardSink(shared.clone()))));
+            tracing::info!(node = %engine.node_id, "cluster mode: Redis holds every user's state");
+        }
         if let (Some(dir), Some(every)) = (&shared.config.hist_dir, shared.config.hist_interval) {
             io.spawn(crate::histdump::interval_log(shared.clone(), dir.clone(), every, shutdown.clone()));
         }
@@ -299,6 +318,48 @@ impl Running {
             io.shutdown_timeout(std::time::Duration::from_millis(500));
         }
         merged
+    }
+}
+
+/// Hands Pub/Sub messages to the shards: a user's to the user's shard, a
+/// broadcast or a resync to every shard (all or none: room is reserved in
+/// every ring first).
+struct ShardSink(Arc<Shared>);
+
+impl crate::cluster::live::Sink for ShardSink {
+    fn deliver(&self, msg: Live) -> Result<(), Live> {
+        let shared = &self.0;
+        let user = match &msg {
+            Live::Event { user, .. } | Live::Evict { user, .. } | Live::Drop { user } => Some(user),
+            Live::Broadcast { .. } | Live::Resync => None,
+        };
+        if let Some(user) = user {
+            let s = shared.router.shard_for(user);
+            return shared.shards[s].push(shard::Command::Live(msg)).map_err(|(_, cmd)| match cmd {
+                shard::Command::Live(m) => m,
+                _ => unreachable!("the command pushed was a Live message"),
+            });
+        }
+        let mut permits = Vec::with_capacity(shared.shards.len());
+        for h in shared.shards.iter() {
+            match h.reserve(1) {
+                Ok(p) => permits.push(p),
+                Err(_) => return Err(msg),
+            }
+        }
+        for mut p in permits {
+            let copy = match &msg {
+                Live::Broadcast { bid, priority, at_us, tail } => Live::Broadcast {
+                    bid: bid.clone(),
+                    priority: *priority,
+                    at_us: *at_us,
+                    tail: tail.clone(),
+                },
+                _ => Live::Resync,
+            };
+            p.push(shard::Command::Live(copy));
+        }
+        Ok(())
     }
 }
 

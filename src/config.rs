@@ -193,6 +193,23 @@ pub struct Flags {
     #[arg(long, env = "SWITCHYARD_API_TLS_KEY", requires = "api_tls_cert")]
     pub api_tls_key: Option<PathBuf>,
 
+    /// Run as one node of a cluster on Redis: `redis://[user:pass@]HOST:PORT[/DB]`,
+    /// `rediss://` for TLS, or `redis+cluster://H1:P1,H2:P2,...` for a Redis
+    /// Cluster. Redis then holds every user's seq, epoch, history and
+    /// idempotency keys, and its Pub/Sub carries events between nodes.
+    #[arg(long, env = "SWITCHYARD_CLUSTER")]
+    pub cluster: Option<String>,
+
+    /// With --cluster: the prefix of every Redis key and channel; nodes with
+    /// the same URL and prefix are one broker.
+    #[arg(long, env = "SWITCHYARD_CLUSTER_PREFIX", default_value = "sy")]
+    pub cluster_prefix: String,
+
+    /// With --cluster: this node's name (letters, digits, `.`, `_`, `-`; up to
+    /// 64). Default: generated at start.
+    #[arg(long, env = "SWITCHYARD_NODE_ID")]
+    pub node_id: Option<String>,
+
     /// Log format: pretty or json (level from RUST_LOG).
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
@@ -254,6 +271,16 @@ pub enum ConfigError {
     IntervalWithoutDir,
     #[error("--echo-path {0:?} must start with '/' and not be /ws or /healthz")]
     EchoPath(String),
+    #[error("--cluster {0:?}: {1}")]
+    ClusterUrl(String, String),
+    #[error("--data-dir and --cluster together: in cluster mode Redis is the store; drop one")]
+    DataDirInCluster,
+    #[error("--cluster-prefix {0:?} must be 1-64 letters, digits, '.', '_', '-' or ':'")]
+    ClusterPrefix(String),
+    #[error("--node-id {0:?} must be 1-64 letters, digits, '.', '_' or '-'")]
+    NodeId(String),
+    #[error("--{0} needs --cluster")]
+    NeedsCluster(&'static str),
 }
 
 /// Largest `--max-payload` accepted: a batch holds 1,000 of them, and a
@@ -299,6 +326,8 @@ pub struct Config {
     pub api_tls: Option<TlsFiles>,
     /// `--data-dir`, with its sync policy and segment size.
     pub data: Option<DataConfig>,
+    /// `--cluster`: the Redis engine's settings.
+    pub cluster: Option<ClusterConfig>,
     pub log_format: LogFormat,
 }
 
@@ -308,6 +337,94 @@ pub struct DataConfig {
     pub dir: PathBuf,
     pub fsync: Fsync,
     pub segment_size: u64,
+}
+
+/// Where a cluster's Redis is (`--cluster`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One Redis or Valkey: the URL as given (`redis://` or `rediss://`).
+    Single(String),
+    /// A Redis Cluster: one `redis://HOST:PORT` URL per seed node.
+    Cluster(Vec<String>),
+}
+
+/// The Redis engine's settings.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub target: RedisTarget,
+    /// `--cluster-prefix`.
+    pub prefix: String,
+    /// `--node-id`, or one generated at start.
+    pub node_id: String,
+}
+
+/// Parses a `--cluster` URL.
+pub fn parse_cluster_url(raw: &str) -> Result<RedisTarget, String> {
+    let raw = raw.trim();
+    if let Some(rest) = raw.strip_prefix("redis+cluster://") {
+        let nodes: Vec<String> = rest
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(|n| format!("redis://{n}"))
+            .collect();
+        if nodes.is_empty() {
+            return Err("redis+cluster:// needs at least one HOST:PORT".into());
+        }
+        for n in &nodes {
+            check_host_port(&n["redis://".len()..])?;
+        }
+        return Ok(RedisTarget::Cluster(nodes));
+    }
+    let rest = raw
+        .strip_prefix("redis://")
+        .or_else(|| raw.strip_prefix("rediss://"))
+        .ok_or("use redis://, rediss:// or redis+cluster://")?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    check_host_port(host_port)?;
+    Ok(RedisTarget::Single(raw.to_string()))
+}
+
+/// `HOST:PORT` with a non-empty host and a numeric port.
+fn check_host_port(raw: &str) -> Result<(), String> {
+    let (host, port) = raw.rsplit_once(':').ok_or_else(|| format!("{raw:?} has no :PORT"))?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("{raw:?} is not HOST:PORT"));
+    }
+    Ok(())
+}
+
+fn valid_name(raw: &str, extra: &[u8]) -> bool {
+    (1..=64).contains(&raw.len())
+        && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b) || extra.contains(&b))
+}
+
+/// Validates the cluster flags into a [`ClusterConfig`] (`None` without `--cluster`).
+fn cluster_config(f: &Flags) -> Result<Option<ClusterConfig>, ConfigError> {
+    let Some(url) = &f.cluster else {
+        if f.node_id.is_some() {
+            return Err(ConfigError::NeedsCluster("node-id"));
+        }
+        return Ok(None);
+    };
+    let target = parse_cluster_url(url).map_err(|e| ConfigError::ClusterUrl(url.clone(), e))?;
+    if f.data_dir.is_some() {
+        return Err(ConfigError::DataDirInCluster);
+    }
+    if !valid_name(&f.cluster_prefix, b":") {
+        return Err(ConfigError::ClusterPrefix(f.cluster_prefix.clone()));
+    }
+    let node_id = match &f.node_id {
+        Some(n) if valid_name(n, b"") => n.clone(),
+        Some(n) => return Err(ConfigError::NodeId(n.clone())),
+        None => {
+            let mut raw = [0u8; 6];
+            getrandom::fill(&mut raw).map_err(|e| ConfigError::NodeId(format!("<random: {e}>")))?;
+            format!("n-{}", raw.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        }
+    };
+    Ok(Some(ClusterConfig { target, prefix: f.cluster_prefix.clone(), node_id }))
 }
 
 /// The PEM files named by `--tls-cert` and `--tls-key` (read at start-up).
@@ -396,6 +513,7 @@ impl Config {
                 return Err(ConfigError::EchoPath(p.clone()));
             }
         }
+        let cluster = cluster_config(&f)?;
         let shards = match f.shards {
             Some(n) => n as usize,
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -439,6 +557,7 @@ impl Config {
                 key,
                 flag: "api-tls",
             }),
+            cluster,
             log_format: f.log_format,
         })
     }

@@ -128,6 +128,8 @@ pub enum Command {
         reset: bool,
         reply: oneshot::Sender<Box<Latency>>,
     },
+    /// Cluster mode: a message from Redis Pub/Sub for this shard.
+    Live(crate::cluster::live::Live),
 }
 
 /// The shared face of a shard: its inbox and its counters.

@@ -55,6 +55,7 @@ pub mod auth;
 pub mod batch;
 pub mod broker;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod engine;

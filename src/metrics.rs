@@ -65,8 +65,14 @@ pub struct ShardMetrics {
     pub history_events: CachePadded<AtomicU64>,
     /// Held events evicted to stay within `--history-memory`.
     pub history_evicted: CachePadded<AtomicU64>,
-    /// Publishes answered as duplicates of an accepted idempotency key.
+    /// Publishes answered as duplicates of an accepted idempotency key
+    /// (cluster mode: live messages dropped as already delivered).
     pub duplicates: CachePadded<AtomicU64>,
+    /// Cluster mode: reads of a user's stream to fill a seq gap.
+    pub catch_ups: CachePadded<AtomicU64>,
+    /// Cluster mode: connections closed with 1012 because their user's
+    /// history was lost or a gap could not be filled.
+    pub resync_closed: CachePadded<AtomicU64>,
     /// With `--data-dir`: bytes and segment files of this shard's log
     /// (gauges), syncs done and the microseconds they took, and whether the
     /// log failed or did not close cleanly (0 or 1).
@@ -99,6 +105,8 @@ impl Default for ShardMetrics {
             history_events: counter(),
             history_evicted: counter(),
             duplicates: counter(),
+            catch_ups: counter(),
+            resync_closed: counter(),
             store_bytes: counter(),
             store_segments: counter(),
             store_syncs: counter(),

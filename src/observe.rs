@@ -134,7 +134,23 @@ pub async fn stats(shared: &Shared) -> serde_json::Value {
             }))).collect::<Vec<_>>(),
         })
     });
+    let cluster = shared.cluster.as_ref().map(|e| {
+        let sum = |f: &dyn Fn(&crate::metrics::ShardMetrics) -> u64| -> u64 {
+            shared.shards.iter().map(|h| f(&h.metrics)).sum()
+        };
+        serde_json::json!({
+            "node": e.node_id,
+            "nodes_seen": e.nodes_seen(),
+            "engine_up": e.health.is_up(),
+            "ready": e.health.is_ready(),
+            "engine_rtt_us": e.health.rtt_us.load(std::sync::atomic::Ordering::Relaxed),
+            "engine_failures": e.health.failures.load(std::sync::atomic::Ordering::Relaxed),
+            "catch_ups": sum(&|m| read(&m.catch_ups)),
+            "resync_closed": sum(&|m| read(&m.resync_closed)),
+        })
+    });
     serde_json::json!({
+        "cluster": cluster,
         "store": store,
         "connections": shared.live_connections(),
         "sse_connections": shared.shards.iter().map(|h| read(&h.metrics.sse_connections)).sum::<u64>(),

@@ -295,6 +295,33 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Now as unix µs (cluster mode stamps publishes with it, for cross-node latency).
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// The event JSON after its seq — `,"event":…,"data":…,"priority":…,"ts":…}` —
+/// which the cluster's publish script completes with the seq Redis assigns.
+pub fn event_tail(ev: &PreparedEvent, ts_ms: u64) -> Vec<u8> {
+    let mut ts_buf = itoa::Buffer::new();
+    let ts_s = ts_buf.format(ts_ms);
+    let parts: [&[u8]; 9] = [
+        b",\"event\":\"",
+        ev.name.as_bytes(),
+        b"\",\"data\":",
+        &ev.data,
+        b",\"priority\":\"",
+        ev.priority.as_str().as_bytes(),
+        b"\",\"ts\":",
+        ts_s.as_bytes(),
+        b"}",
+    ];
+    parts.concat()
+}
+
 /// Encodes an `event` frame (WebSocket header included) for one user and seq.
 ///
 /// One allocation, sized exactly; the result is shared by all of the user's

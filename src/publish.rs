@@ -32,6 +32,10 @@ pub enum PublishError {
     Overloaded,
     #[error("the broker is shutting down")]
     Unavailable,
+    /// Cluster mode: Redis could not be reached; the outcome is unknown, so
+    /// retry with the same `id`.
+    #[error("the cluster engine is unavailable ({0}); retry with the same id")]
+    EngineUnavailable(String),
 }
 
 impl PublishError {
@@ -39,7 +43,7 @@ impl PublishError {
         match self {
             PublishError::Invalid(_) => 400,
             PublishError::TooLarge { .. } => 413,
-            PublishError::Overloaded | PublishError::Unavailable => 503,
+            PublishError::Overloaded | PublishError::Unavailable | PublishError::EngineUnavailable(_) => 503,
         }
     }
 
@@ -49,6 +53,7 @@ impl PublishError {
             PublishError::TooLarge { .. } => "payload_too_large",
             PublishError::Overloaded => "overloaded",
             PublishError::Unavailable => "unavailable",
+            PublishError::EngineUnavailable(_) => "engine_unavailable",
         }
     }
 
@@ -302,6 +307,10 @@ pub async fn publish_items(
     items: &[&[u8]],
     want_reply: bool,
 ) -> Vec<Result<Published, PublishError>> {
+    if let Some(engine) = &shared.cluster {
+        let parsed = items.iter().map(|raw| parse_raw(shared, raw)).collect();
+        return count_errors(shared, cluster_publish(engine, parsed, want_reply).await);
+    }
     let parsed = items.iter().map(|raw| parse_raw(shared, raw)).collect();
     let (routed, counts) = route(shared, parsed);
     let submitted = if counts.iter().all(|&n| n <= step_size(shared)) {
@@ -315,12 +324,74 @@ pub async fn publish_items(
             Ok(p) => resolve(p).await.map(|p| if want_reply { p } else { Published::Accepted }),
             Err(e) => Err(e),
         };
-        if let Err(e) = &r {
-            shared.api_errors.count(e.code());
-        }
         out.push(r);
     }
+    count_errors(shared, out)
+}
+
+/// Counts failed items in the API error counters.
+fn count_errors(
+    shared: &Shared,
+    out: Vec<Result<Published, PublishError>>,
+) -> Vec<Result<Published, PublishError>> {
+    for e in out.iter().filter_map(|r| r.as_ref().err()) {
+        shared.api_errors.count(e.code());
+    }
     out
+}
+
+/// Cluster mode: every (item, user) goes to Redis as one publish script
+/// call; all calls are issued together, in order, on the engine's
+/// multiplexed connection (so they share round trips, and one user's calls
+/// run in publish order). `delivered` counts the nodes that received it.
+async fn cluster_publish(
+    engine: &crate::cluster::Engine,
+    items: Vec<Result<PublishRequest, PublishError>>,
+    want_reply: bool,
+) -> Vec<Result<Published, PublishError>> {
+    if !engine.health.is_up() {
+        // Fail fast while Redis is known to be down (the heartbeat notices its return).
+        let e = PublishError::EngineUnavailable("Redis is unreachable".into());
+        return items.into_iter().map(|r| r.and(Err(e.clone()))).collect();
+    }
+    let ts_ms = unix_ms();
+    let at_us = protocol::unix_us();
+    let prepared: Vec<_> =
+        items.into_iter().map(|r| r.map(|req| (protocol::event_tail(&req.event, ts_ms), req))).collect();
+    let mut calls = Vec::new();
+    for (tail, req) in prepared.iter().flatten() {
+        let ev = crate::cluster::Outgoing { tail, priority: req.event.priority, at_us };
+        let users: &[UserId] = match &req.target {
+            Target::One(u) => std::slice::from_ref(u),
+            Target::Many(us) => us,
+        };
+        for u in users {
+            let id = req.id.as_deref();
+            calls.push(async move { engine.publish(u, &ev, id).await });
+        }
+    }
+    let mut results = futures_util::future::join_all(calls).await.into_iter();
+    prepared
+        .iter()
+        .map(|r| {
+            let (_, req) = r.as_ref().map_err(Clone::clone)?;
+            let mut one = |u: &UserId| -> Result<(UserId, Delivery), PublishError> {
+                let a = results
+                    .next()
+                    .ok_or(PublishError::Unavailable)?
+                    .map_err(|e| PublishError::EngineUnavailable(e.to_string()))?;
+                Ok((u.clone(), Delivery { seq: a.seq, delivered: a.nodes, duplicate: a.duplicate }))
+            };
+            let p = match &req.target {
+                Target::One(u) => Published::One(one(u)?.1),
+                Target::Many(us) => {
+                    let all: Vec<_> = us.iter().map(&mut one).collect();
+                    Published::Many(all.into_iter().collect::<Result<_, _>>()?)
+                }
+            };
+            Ok(if want_reply { p } else { Published::Accepted })
+        })
+        .collect()
 }
 
 /// Appends the JSON array of per-item results (as in `/v1/publish/batch` and
@@ -353,6 +424,19 @@ pub async fn resolve(p: Pending) -> Result<Published, PublishError> {
             Ok(Published::Many(out))
         }
     }
+}
+
+/// Cluster mode: asks every node to publish `event` to its users with a
+/// live connection; returns the nodes that received the request.
+pub async fn broadcast_cluster(
+    engine: &crate::cluster::Engine,
+    event: &PreparedEvent,
+) -> Result<u64, PublishError> {
+    let tail = protocol::event_tail(event, unix_ms());
+    engine
+        .broadcast(&tail, event.priority, protocol::unix_us())
+        .await
+        .map_err(|e| PublishError::EngineUnavailable(e.to_string()))
 }
 
 /// Sends one event to every user with a live connection, on every shard.

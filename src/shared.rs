@@ -31,6 +31,8 @@ pub struct Shared {
     pub redactor: Redactor,
     pub auth: Authenticator,
     pub api_errors: ApiErrors,
+    /// With `--cluster`: the Redis engine.
+    pub cluster: Option<std::sync::Arc<crate::cluster::Engine>>,
     /// With `--data-dir`: whether the broker that last used it stopped cleanly.
     pub store_was_clean: bool,
 }

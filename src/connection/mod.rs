@@ -96,6 +96,9 @@ pub struct Conn {
     /// fast as the client reads them (outside `--max-queue` and shedding);
     /// live events published meanwhile are read from there too, in order.
     pub replay_next: Cell<Option<u64>>,
+    /// Cluster mode: registered, but its user's state is still being read
+    /// from Redis; it gets no events until its `welcome` is queued.
+    pub pending: Cell<bool>,
     reader: RefCell<Option<AbortHandle>>,
 }
 
@@ -121,6 +124,7 @@ impl Conn {
             last_recv: Cell::new(now),
             next_ping: Cell::new(now + ping),
             replay_next: Cell::new(None),
+            pending: Cell::new(false),
             reader: RefCell::new(None),
         }
     }

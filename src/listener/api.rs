@@ -282,9 +282,42 @@ async fn broadcast(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
         Ok(p) => p,
         Err(e) => return error(400, e.code, &e.message),
     };
+    if let Some(engine) = &shared.cluster {
+        return match publish::broadcast_cluster(engine, &parsed.event).await {
+            Ok(nodes) => json(StatusCode::OK, &serde_json::json!({"nodes": nodes})),
+            Err(e) => publish_error(&e),
+        };
+    }
     match publish::broadcast(shared, parsed.event).await {
         Ok(o) => json(StatusCode::OK, &serde_json::json!({"users": o.users, "delivered": o.delivered})),
         Err(e) => publish_error(&e),
+    }
+}
+
+/// `GET`/`DELETE /v1/users/{id}` in cluster mode: figures and closes
+/// across every node, through Redis.
+async fn cluster_user_route(method: Method, user: UserId, engine: &crate::cluster::Engine) -> Response<Body> {
+    let unavailable = |e: crate::cluster::EngineError| error(503, "engine_unavailable", &e.to_string());
+    match method {
+        Method::GET => match engine.user_figures(&user).await {
+            Ok(Some(f)) => json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "user": user.as_str(), "connections": f.connections, "seq": f.seq,
+                    "history": f.history, "history_bytes": f.history_bytes, "epoch": f.epoch,
+                }),
+            ),
+            Ok(None) => json(
+                StatusCode::OK,
+                &serde_json::json!({"user": user.as_str(), "connections": 0, "seq": 0, "history": 0}),
+            ),
+            Err(e) => unavailable(e),
+        },
+        Method::DELETE => match engine.drop_user(&user).await {
+            Ok(n) => json(StatusCode::OK, &serde_json::json!({"closed": n})),
+            Err(e) => unavailable(e),
+        },
+        _ => error(405, "method_not_allowed", "use GET or DELETE"),
     }
 }
 
@@ -293,6 +326,9 @@ async fn user_route(method: Method, raw_id: &str, shared: &Shared) -> Response<B
         Ok(u) => u,
         Err(e) => return error(400, e.code, &e.message),
     };
+    if let Some(engine) = &shared.cluster {
+        return cluster_user_route(method, user, engine).await;
+    }
     let shard = &shared.shards[shared.router.shard_for(&user)];
     match method {
         Method::GET => {

@@ -33,6 +33,9 @@ const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 #[derive(Debug)]
 pub enum Parsed {
     Health,
+    /// `GET /readyz`: 200 while this node can serve (in cluster mode:
+    /// while Redis is reachable), else 503.
+    Ready,
     Upgrade(UpgradeRequest),
     /// `GET /sse`: the same stream as Server-Sent Events (no upgrade;
     /// `accept_key` is empty).
@@ -189,6 +192,15 @@ async fn handle<S: ClientStream>(mut stream: S, shared: &Shared, deadline: tokio
             let _ = write_response(&mut stream, 200, "OK", &[], body).await;
             return;
         }
+        Ok(Parsed::Ready) => {
+            if shared.cluster.as_ref().is_some_and(|e| !e.health.is_ready()) {
+                let r = Refusal::new(503, "engine_unavailable", "the cluster engine (Redis) is unreachable");
+                respond(&mut stream, &r).await;
+            } else {
+                let _ = write_response(&mut stream, 200, "OK", &[], br#"{"status":"ready"}"#).await;
+            }
+            return;
+        }
         Ok(Parsed::Upgrade(up)) => admit(shared, up, false),
         Ok(Parsed::Sse(up)) => admit(shared, up, true),
         Ok(Parsed::Echo(up)) => admit_echo(shared, up),
@@ -265,15 +277,18 @@ pub fn parse_request(head: &[u8], echo_path: Option<&str>) -> Result<Parsed, Ref
     let sse = path == "/sse";
     match path {
         "/healthz" if method == "GET" => return Ok(Parsed::Health),
+        "/readyz" if method == "GET" => return Ok(Parsed::Ready),
         "/ws" | "/sse" if method == "GET" => {}
         _ if echo && method == "GET" => {}
         _ if echo => return Err(Refusal::new(405, "method_not_allowed", "use GET")),
-        "/ws" | "/sse" | "/healthz" => return Err(Refusal::new(405, "method_not_allowed", "use GET")),
+        "/ws" | "/sse" | "/healthz" | "/readyz" => {
+            return Err(Refusal::new(405, "method_not_allowed", "use GET"))
+        }
         _ => {
             return Err(Refusal::new(
                 404,
                 "not_found",
-                "this listener serves GET /ws, GET /sse and GET /healthz",
+                "this listener serves GET /ws, GET /sse, GET /healthz and GET /readyz",
             ))
         }
     }
@@ -406,6 +421,13 @@ fn admit(shared: &Shared, up: UpgradeRequest, sse: bool) -> Result<Admitted, Ref
         Err(AuthError::Unauthorized(m)) => return Err(Refusal::new(401, "unauthorized", m)),
         Err(e @ AuthError::BadUser) => return Err(Refusal::new(400, "invalid_user", e.to_string())),
     };
+    if shared.cluster.as_ref().is_some_and(|e| !e.health.is_ready()) {
+        return Err(Refusal::new(
+            503,
+            "engine_unavailable",
+            "the cluster engine (Redis) is unreachable; retry",
+        ));
+    }
     take_slot(shared)?;
     let shard = shared.router.shard_for(&user);
     let resume = up.since.map(|since| Resume { since, epoch: up.epoch });

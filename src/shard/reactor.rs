@@ -44,6 +44,16 @@ use crate::shard::{
 use crate::shared::Shared;
 use tokio::sync::oneshot;
 
+mod remote;
+
+/// Whether a user's local state follows Redis (cluster mode; always `Ready`
+/// on a single node).
+enum SyncState {
+    Ready,
+    /// Its state is being read from Redis; live messages wait here.
+    Syncing(Vec<remote::Parked>),
+}
+
 /// Most commands applied before the reactor yields so writers can flush.
 /// Also capped at half of `--max-queue`, so that a burst applied in one pass
 /// can never overflow the queue of a client that keeps up.
@@ -70,6 +80,7 @@ struct UserState {
     conns: Vec<usize>,
     /// Last publish or disconnect; an idle user is swept `history_ttl` after it.
     touched: Instant,
+    sync: SyncState,
 }
 
 impl UserState {
@@ -85,6 +96,7 @@ impl UserState {
             keys: Keys::default(),
             conns: Vec::new(),
             touched,
+            sync: SyncState::Ready,
         }
     }
 }
@@ -103,6 +115,10 @@ pub struct ShardCore {
     budget: RefCell<Budget>,
     /// The disk engine, with `--data-dir`.
     persist: Option<RefCell<Persist>>,
+    /// Cluster mode: gap fills decided while the user map was borrowed.
+    pending_catch_ups: RefCell<Vec<(UserId, u64, Arc<crate::cluster::Engine>)>>,
+    /// Cluster mode: histories grew while the user map was borrowed.
+    enforce_budget_later: Cell<bool>,
 }
 
 impl ShardCore {
@@ -117,6 +133,8 @@ impl ShardCore {
             draining: Cell::new(false),
             budget: RefCell::new(Budget::new(shared.config.history_memory / shared.config.shards.max(1))),
             persist: persist.map(RefCell::new),
+            pending_catch_ups: RefCell::new(Vec::new()),
+            enforce_budget_later: Cell::new(false),
             shared,
         }
     }
@@ -159,6 +177,10 @@ impl ShardCore {
             }
             Command::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
+            }
+            Command::Live(msg) => {
+                self.apply_live(msg);
+                self.run_pending_catch_ups();
             }
             Command::Latency { reset, reply } => {
                 let mut lat = self.latency.borrow_mut();
@@ -391,7 +413,7 @@ impl ShardCore {
         // Encoded once per transport that needs it, not once per connection.
         let mut sse_frame: Option<bytes::Bytes> = None;
         for &key in &user.conns {
-            let Some(conn) = conns.get(key) else { continue };
+            let Some(conn) = conns.get(key).filter(|c| !c.pending.get()) else { continue };
             let frame = if conn.sse {
                 sse_frame.get_or_insert_with(|| crate::sse::event(&user.epoch, seq, &frame)).clone()
             } else {
@@ -487,7 +509,10 @@ impl ShardCore {
             }
         };
         let conn = match a.peer {
-            Peer::User { user, resume, sse } => self.attach_user(user, resume, sse),
+            Peer::User { user, resume, sse } => match self.engine().cloned() {
+                Some(engine) => self.attach_remote(&engine, user, resume, sse),
+                None => self.attach_user(user, resume, sse),
+            },
             Peer::Echo => self.register(echo_user(), connection::Kind::Echo),
         };
         let reader = if conn.sse {
@@ -545,7 +570,18 @@ impl ShardCore {
             }
         }
 
-        let (recovered, replay_from) = match &resume {
+        let kind = if sse { connection::Kind::Sse } else { connection::Kind::WebSocket };
+        let conn = self.register(user_id.clone(), kind);
+        user.conns.push(conn.key);
+        self.queue_welcome(&conn, user, resume.as_ref());
+        conn
+    }
+
+    /// Queues a connection's `welcome` (the user's epoch and applied seq,
+    /// and for a resume whether it is recovered), then starts the replay a
+    /// recovered resume needs.
+    fn queue_welcome(&self, conn: &Conn, user: &UserState, resume: Option<&Resume>) {
+        let (recovered, replay_from) = match resume {
             None => (None, None),
             Some(r) if r.epoch.as_deref().is_some_and(|e| e != &*user.epoch) => (Some(false), None),
             Some(r) => match user.history.plan_replay(r.since, user.applied) {
@@ -553,19 +589,15 @@ impl ShardCore {
                 Replay::Impossible => (Some(false), None),
             },
         };
-
-        let kind = if sse { connection::Kind::Sse } else { connection::Kind::WebSocket };
-        let conn = self.register(user_id.clone(), kind);
-        user.conns.push(conn.key);
         let welcome = protocol::welcome_json(&Welcome {
-            user: &user_id,
+            user: &conn.user,
             conn: &conn.id,
             epoch: &user.epoch,
             seq: user.applied,
             recovered,
-            ping_ms: cfg.ping_interval.as_millis() as u64,
+            ping_ms: self.shared.config.ping_interval.as_millis() as u64,
         });
-        conn.push_control(if sse {
+        conn.push_control(if conn.sse {
             crate::sse::message("welcome", welcome.as_bytes())
         } else {
             crate::wsframe::text_frame(welcome.as_bytes())
@@ -573,7 +605,6 @@ impl ShardCore {
         if let Some(seq) = replay_from {
             conn.start_replay(seq);
         }
-        conn
     }
 
     /// Removes a connection whose writer has ended.
@@ -585,6 +616,9 @@ impl ShardCore {
         if let Some(user) = self.users.borrow_mut().get_mut(&conn.user).filter(|_| !conn.echo) {
             user.conns.retain(|&k| k != conn.key);
             user.touched = now;
+        }
+        if !conn.echo {
+            self.leave_remote(conn);
         }
         let m = &self.handle().metrics;
         m.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -993,6 +1027,9 @@ async fn housekeeping(core: Rc<ShardCore>) {
         .clamp(Duration::from_millis(10), Duration::from_secs(1));
     let sweep_every = (cfg.history_ttl / 8).clamp(Duration::from_millis(10), Duration::from_secs(5));
     let mut last_sweep = Instant::now();
+    // Cluster mode: users connected here are kept from expiring in Redis.
+    let touch_every = (cfg.history_ttl / 3).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut last_touch = Instant::now();
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1000,6 +1037,10 @@ async fn housekeeping(core: Rc<ShardCore>) {
         let now = Instant::now();
         core.heartbeat(now);
         core.reclaim_segments();
+        if now.duration_since(last_touch) >= touch_every {
+            core.touch_remote();
+            last_touch = now;
+        }
         if now.duration_since(last_sweep) >= sweep_every {
             core.sweep_users(now);
             last_sweep = now;

@@ -1,0 +1,381 @@
+//! Cluster mode (contract §11) against real `redis-server` processes and
+//! real switchyard nodes (the binary), all on loopback: cross-node order
+//! and isolation, resume on another node, the cluster-wide connection
+//! limit, delete, broadcast and idempotency, Redis stopped and restarted,
+//! Redis flushed, a node killed with `kill -9`, and a Redis Cluster.
+
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use crate::redis_util::{free_port, resp_cmd, Redis};
+use crate::util::*;
+
+/// One switchyard node.
+pub struct Node {
+    child: Option<Child>,
+    pub client: String,
+    pub api: std::net::SocketAddr,
+}
+
+impl Node {
+    pub fn start(url: &str, extra: &[&str]) -> Node {
+        let mut args = vec!["--cluster", url, "--shards", "2"];
+        args.extend_from_slice(extra);
+        let (child, client, api) = spawn_binary(&args);
+        Node { child: Some(child), client, api: api.parse().unwrap() }
+    }
+
+    pub async fn publish(&self, body: Value) -> (u16, Value) {
+        let (status, _, b) =
+            http(self.api, "POST", "/v1/publish", bytes::Bytes::from(body.to_string()), None).await;
+        (status, serde_json::from_slice(&b).unwrap_or(Value::Null))
+    }
+
+    pub async fn publish_ok(&self, user: &str, i: u64) -> Value {
+        let (status, v) = self.publish(json!({"user": user, "event": "e", "data": {"i": i}})).await;
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+
+    pub async fn request(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
+        let (status, _, b) = http(self.api, method, path, bytes::Bytes::from(body.to_string()), None).await;
+        (status, serde_json::from_slice(&b).unwrap_or(Value::Null))
+    }
+
+    /// Connects (waiting for the node to be ready) and returns the welcome.
+    pub async fn connect(&self, query: &str) -> (Ws, Value) {
+        self.wait_ready().await;
+        let (mut ws, _) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::connect_async(format!("ws://{}/ws?{query}", self.client)),
+        )
+        .await
+        .expect("connect in time")
+        .expect("upgrade");
+        let w = next_json(&mut ws).await;
+        assert_eq!(w["type"], "welcome", "{w}");
+        (ws, w)
+    }
+
+    pub async fn readyz(&self) -> u16 {
+        let addr: std::net::SocketAddr = self.client.parse().unwrap();
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await;
+        String::from_utf8_lossy(&buf).split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    }
+
+    pub async fn healthz(&self) -> u16 {
+        let (status, _) = raw_get(&self.client, "/healthz").await;
+        status
+    }
+
+    /// Waits (bounded) until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + WAIT;
+        while self.readyz().await != 200 {
+            assert!(Instant::now() < deadline, "node never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-KILL", &c.id().to_string()]).status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn raw_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    (text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0), text)
+}
+
+fn data_i(events: &[Value]) -> Vec<u64> {
+    events.iter().map(|e| e["data"]["i"].as_u64().unwrap()).collect()
+}
+
+fn seqs(events: &[Value]) -> Vec<u64> {
+    events.iter().map(|e| e["seq"].as_u64().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_published_on_one_node_reach_the_users_connections_on_every_node_in_order_and_no_one_else() {
+    let redis = Redis::start().await;
+    let (a, b) = (Node::start(&redis.url(), &[]), Node::start(&redis.url(), &[]));
+    let (mut on_a, _) = a.connect("user=alice").await;
+    let (mut on_b, _) = b.connect("user=alice").await;
+    let (mut bob, _) = b.connect("user=bob").await;
+    for i in 1..=100 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        let r = node.publish_ok("alice", i).await;
+        assert_eq!(r["seq"], i, "seq is assigned cluster-wide: {r}");
+        assert_eq!(r["delivered"], 2, "both nodes hold a connection of alice: {r}");
+    }
+    b.publish_ok("bob", 1000).await;
+    for ws in [&mut on_a, &mut on_b] {
+        let evs = next_events(ws, 100).await;
+        assert_eq!(data_i(&evs), (1..=100).collect::<Vec<_>>());
+        assert_eq!(seqs(&evs), (1..=100).collect::<Vec<_>>());
+    }
+    let evs = next_events(&mut bob, 1).await;
+    assert_eq!(data_i(&evs), vec![1000], "bob gets only his own event");
+    // And alice got nothing of bob's: her next event is her own 101st.
+    a.publish_ok("alice", 101).await;
+    assert_eq!(data_i(&next_events(&mut on_b, 1).await), vec![101]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resumes_on_another_node_from_the_history_in_redis() {
+    let redis = Redis::start().await;
+    let (a, b) = (Node::start(&redis.url(), &[]), Node::start(&redis.url(), &[]));
+    let (mut ws, w) = a.connect("user=carol").await;
+    let epoch = w["epoch"].as_str().unwrap().to_string();
+    for i in 1..=5 {
+        a.publish_ok("carol", i).await;
+    }
+    assert_eq!(data_i(&next_events(&mut ws, 5).await), vec![1, 2, 3, 4, 5]);
+    drop(ws);
+    for i in 6..=10 {
+        a.publish_ok("carol", i).await;
+    }
+    let (mut ws, w) = b.connect(&format!("user=carol&since=5&epoch={epoch}")).await;
+    assert_eq!(w["recovered"], true, "{w}");
+    assert_eq!(w["epoch"], epoch.as_str());
+    assert_eq!(w["seq"], 10);
+    assert_eq!(data_i(&next_events(&mut ws, 5).await), vec![6, 7, 8, 9, 10]);
+    a.publish_ok("carol", 11).await;
+    assert_eq!(seqs(&next_events(&mut ws, 1).await), vec![11], "live after the replay, no gap");
+    // A wrong epoch is not recovered.
+    let (_, w) = b.connect("user=carol&since=5&epoch=nope").await;
+    assert_eq!(w["recovered"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_limit_delete_broadcast_and_idempotency_hold_across_nodes() {
+    let redis = Redis::start().await;
+    let a = Node::start(&redis.url(), &["--max-conns-per-user", "2"]);
+    let b = Node::start(&redis.url(), &["--max-conns-per-user", "2"]);
+    let (mut first, _) = a.connect("user=dave").await;
+    let (mut second, _) = b.connect("user=dave").await;
+    let (mut third, _) = a.connect("user=dave").await;
+    assert_eq!(close_code(&mut first).await, 4001, "the oldest connection, anywhere, is evicted");
+    let (status, info) = b.request("GET", "/v1/users/dave", Value::Null).await;
+    assert_eq!(status, 200);
+    assert_eq!(info["connections"], 2, "{info}");
+
+    // Idempotency: the same id through two nodes is one event.
+    let (s1, r1) = a.publish(json!({"user": "dave", "event": "e", "data": {"i": 1}, "id": "once"})).await;
+    let (s2, r2) = b.publish(json!({"user": "dave", "event": "e", "data": {"i": 1}, "id": "once"})).await;
+    assert_eq!((s1, s2), (200, 200));
+    assert_eq!(r2["seq"], r1["seq"]);
+    assert_eq!(r2["duplicate"], true, "{r2}");
+
+    // Broadcast: every node answers; a user on two nodes gets it once per connection, one seq.
+    let (mut erin, _) = b.connect("user=erin").await;
+    let (status, r) = a.request("POST", "/v1/broadcast", json!({"event": "all", "data": {"i": 99}})).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["nodes"], 2, "{r}");
+    let e_second = next_events(&mut second, 2).await;
+    let e_third = next_events(&mut third, 2).await;
+    assert_eq!(data_i(&e_second), vec![1, 99]);
+    assert_eq!(seqs(&e_second), seqs(&e_third), "one seq for the broadcast across dave's nodes");
+    assert_eq!(data_i(&next_events(&mut erin, 1).await), vec![99]);
+    let (_, info) = a.request("GET", "/v1/users/dave", Value::Null).await;
+    assert_eq!(info["seq"], 2, "the broadcast took one seq for dave, not one per node: {info}");
+
+    // Delete on one node closes the user's connections on both.
+    let (status, r) = b.request("DELETE", "/v1/users/dave", Value::Null).await;
+    assert_eq!(status, 200);
+    assert_eq!(r["closed"], 2, "{r}");
+    assert_eq!(close_code(&mut second).await, 4000);
+    assert_eq!(close_code(&mut third).await, 4000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_stopped_publishes_and_upgrades_get_503_live_connections_stay_and_nothing_is_missed_after()
+{
+    let mut redis = Redis::start().await;
+    let a = Node::start(&redis.url(), &[]);
+    let b = Node::start(&redis.url(), &[]);
+    let (mut ws, _) = a.connect("user=fay").await;
+    for i in 1..=5 {
+        b.publish_ok("fay", i).await;
+    }
+    assert_eq!(data_i(&next_events(&mut ws, 5).await), vec![1, 2, 3, 4, 5]);
+
+    redis.stop();
+    let deadline = Instant::now() + WAIT;
+    let (status, headers, body) = loop {
+        let r = http(
+            b.api,
+            "POST",
+            "/v1/publish",
+            json!({"user": "fay", "event": "e", "data": {"i": 0}}).to_string().into(),
+            None,
+        )
+        .await;
+        if r.0 == 503 || Instant::now() > deadline {
+            break r;
+        }
+    };
+    assert_eq!(status, 503);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "engine_unavailable", "{v}");
+    assert!(headers.contains_key("retry-after"));
+    let deadline = Instant::now() + WAIT;
+    while a.readyz().await != 503 {
+        assert!(Instant::now() < deadline, "/readyz never said 503");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(a.healthz().await, 200, "/healthz stays 200: the process is alive");
+    let (status, body) = raw_upgrade(a.client.parse().unwrap(), "/ws?user=gil", "").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("engine_unavailable"), "{body}");
+
+    redis.restart().await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+    for i in 6..=10 {
+        // Until the node's command link has reconnected, 503s are expected: retry with the same id.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (s, v) = b
+                .publish(json!({"user": "fay", "event": "e", "data": {"i": i}, "id": format!("f{i}")}))
+                .await;
+            if s == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "publishes never came back: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let evs = next_events(&mut ws, 5).await;
+    assert_eq!(data_i(&evs), vec![6, 7, 8, 9, 10], "the live connection survived, with no gap");
+    assert_eq!(seqs(&evs), vec![6, 7, 8, 9, 10], "AOF kept the seq across the restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_redis_loses_its_data_users_get_a_new_epoch_and_no_epoch_seq_pair_repeats() {
+    let redis = Redis::start().await;
+    let a = Node::start(&redis.url(), &[]);
+    let b = Node::start(&redis.url(), &[]);
+    let (mut ws, w) = a.connect("user=hal").await;
+    let old_epoch = w["epoch"].as_str().unwrap().to_string();
+    for i in 1..=3 {
+        b.publish_ok("hal", i).await;
+    }
+    assert_eq!(seqs(&next_events(&mut ws, 3).await), vec![1, 2, 3]);
+    assert!(redis.cmd(&["FLUSHALL"]).await.starts_with("+OK"));
+    let r = b.publish_ok("hal", 4).await;
+    assert_eq!(r["seq"], 1, "a lost state starts over at seq 1: {r}");
+    assert_eq!(close_code(&mut ws).await, 1012, "the old-epoch connection is closed so its client resumes");
+    let (mut ws, w) = b.connect(&format!("user=hal&since=3&epoch={old_epoch}")).await;
+    assert_eq!(w["recovered"], false, "{w}");
+    let new_epoch = w["epoch"].as_str().unwrap().to_string();
+    assert_ne!(new_epoch, old_epoch);
+    assert_eq!(w["seq"], 1);
+    b.publish_ok("hal", 5).await;
+    let e = next_events(&mut ws, 1).await;
+    assert_eq!((seqs(&e), data_i(&e)), (vec![2], vec![5]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_run_loses_nothing_acknowledged_its_clients_resume_elsewhere() {
+    let redis = Redis::start().await;
+    let mut a = Node::start(&redis.url(), &[]);
+    let b = Node::start(&redis.url(), &[]);
+    let (mut on_a, w) = a.connect("user=ivy").await;
+    let epoch = w["epoch"].as_str().unwrap().to_string();
+    let mut acked = Vec::new();
+    let mut seen = Vec::new();
+    for i in 1..=200u64 {
+        if i == 100 {
+            // Read what arrived so far, then kill the node the client is on.
+            seen.extend(seqs(&next_events(&mut on_a, acked.len()).await));
+            a.kill9();
+        }
+        let node = if i < 100 && i % 2 == 0 { &a } else { &b };
+        let (s, v) = node.publish(json!({"user": "ivy", "event": "e", "data": {"i": i}})).await;
+        if s == 200 {
+            acked.push(v["seq"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(acked.len(), 200, "every publish went to a live node");
+    let last = *seen.last().unwrap();
+    let (mut ws, w) = b.connect(&format!("user=ivy&since={last}&epoch={epoch}")).await;
+    assert_eq!(w["recovered"], true, "{w}");
+    let rest = next_events(&mut ws, 200 - seen.len()).await;
+    seen.extend(seqs(&rest));
+    assert_eq!(seen, acked, "every acknowledged event exactly once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_of_three_masters_serves_two_nodes() {
+    let mut masters = Vec::new();
+    for _ in 0..3 {
+        masters
+            .push(Redis::start_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]).await);
+    }
+    let addrs: Vec<String> = masters.iter().map(|r| format!("127.0.0.1:{}", r.port)).collect();
+    let status = Command::new(std::env::var("SWITCHYARD_REDIS_CLI").unwrap_or_else(|_| "redis-cli".into()))
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("redis-cli");
+    assert!(status.success());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let info = resp_cmd(masters[0].port, &["CLUSTER", "INFO"]).await.unwrap_or_default();
+        if info.contains("cluster_state:ok") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cluster never became ok: {info}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = format!("redis+cluster://{}", addrs.join(","));
+    let (a, b) = (Node::start(&url, &[]), Node::start(&url, &[]));
+    let users = ["u1", "u2", "u3", "u4", "u5", "u6"];
+    let mut conns = Vec::new();
+    for u in users {
+        let (ws, w) = b.connect(&format!("user={u}")).await;
+        conns.push((ws, w["epoch"].as_str().unwrap().to_string()));
+    }
+    for i in 1..=20 {
+        for u in users {
+            a.publish_ok(u, i).await;
+        }
+    }
+    for (ws, _) in conns.iter_mut() {
+        assert_eq!(data_i(&next_events(ws, 20).await), (1..=20).collect::<Vec<_>>());
+    }
+    // Resume on the other node, from history spread over the cluster's slots.
+    let epoch = conns[0].1.clone();
+    let (mut ws, w) = a.connect(&format!("user=u1&since=15&epoch={epoch}")).await;
+    assert_eq!(w["recovered"], true, "{w}");
+    assert_eq!(seqs(&next_events(&mut ws, 5).await), vec![16, 17, 18, 19, 20]);
+    let _ = free_port();
+    drop(ws.next());
+}
