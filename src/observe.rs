@@ -302,30 +302,109 @@ pub fn prometheus(shared: &Shared) -> String {
         "Rejected publish items in batches and streams, by code.",
         shared.api_errors.codes().map(|(c, v)| (format!("{{code=\"{c}\"}}"), v as f64)).collect(),
     );
-    let mut rows = Vec::new();
-    for p in Priority::ALL {
-        let h = &lat.by_priority[p.index()];
-        for q in [0.5, 0.9, 0.99, 0.999] {
-            rows.push((
-                format!("{{priority=\"{}\",quantile=\"{q}\"}}", p.as_str()),
-                h.value_at_quantile(q) as f64 / 1e6,
-            ));
-        }
-    }
     if shared.config.data.is_some() {
         store_sync_histogram(&mut out, shared);
     }
-    let _ = writeln!(out, "# HELP switchyard_latency_seconds Publish accepted to frame written.");
-    let _ = writeln!(out, "# TYPE switchyard_latency_seconds summary");
-    for (labels, v) in rows {
-        let _ = writeln!(out, "switchyard_latency_seconds{labels} {v}");
+    latency_histogram(&mut out, &lat);
+    cluster_metrics(&mut out, shared);
+    match &shared.cluster {
+        Some(engine) => label_every_sample(&out, "node", &engine.node_id),
+        None => out,
     }
+}
+
+/// Upper bounds (seconds) of the latency histogram's buckets.
+const LATENCY_BUCKETS_S: [f64; 16] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// Publish→write latency as a Prometheus histogram (cumulative buckets, sum
+/// and count per priority), so nodes' figures can be added up.
+fn latency_histogram(out: &mut String, lat: &Latency) {
+    let _ = writeln!(out, "# HELP switchyard_latency_seconds Publish accepted to frame written.");
+    let _ = writeln!(out, "# TYPE switchyard_latency_seconds histogram");
     for p in Priority::ALL {
         let h = &lat.by_priority[p.index()];
+        let prio = p.as_str();
+        for le in LATENCY_BUCKETS_S {
+            let n = if h.is_empty() { 0 } else { h.count_between(0, (le * 1e6) as u64) };
+            let _ = writeln!(out, "switchyard_latency_seconds_bucket{{priority=\"{prio}\",le=\"{le}\"}} {n}");
+        }
+        let _ =
+            writeln!(out, "switchyard_latency_seconds_bucket{{priority=\"{prio}\",le=\"+Inf\"}} {}", h.len());
         let sum: f64 =
             h.iter_recorded().map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64).sum();
-        let _ = writeln!(out, "switchyard_latency_seconds_sum{{priority=\"{}\"}} {}", p.as_str(), sum / 1e6);
-        let _ = writeln!(out, "switchyard_latency_seconds_count{{priority=\"{}\"}} {}", p.as_str(), h.len());
+        let _ = writeln!(out, "switchyard_latency_seconds_sum{{priority=\"{prio}\"}} {}", sum / 1e6);
+        let _ = writeln!(out, "switchyard_latency_seconds_count{{priority=\"{prio}\"}} {}", h.len());
+    }
+}
+
+/// Cluster mode: the engine's health and the shards' gap handling.
+fn cluster_metrics(out: &mut String, shared: &Shared) {
+    let Some(e) = &shared.cluster else { return };
+    let sum = |f: &dyn Fn(&crate::metrics::ShardMetrics) -> u64| -> u64 {
+        shared.shards.iter().map(|h| f(&h.metrics)).sum()
+    };
+    let rows: [(&str, &str, &str, f64); 6] = [
+        (
+            "cluster_engine_up",
+            "gauge",
+            "1 while Redis answers commands.",
+            f64::from(u8::from(e.health.is_up())),
+        ),
+        (
+            "cluster_ready",
+            "gauge",
+            "1 while commands and Pub/Sub both reach Redis.",
+            f64::from(u8::from(e.health.is_ready())),
+        ),
+        (
+            "cluster_engine_rtt_seconds",
+            "gauge",
+            "Round trip of the last ping to Redis.",
+            e.health.rtt_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6,
+        ),
+        ("cluster_nodes_seen", "gauge", "Nodes heard from in the last 5 s.", e.nodes_seen() as f64),
+        (
+            "cluster_catch_ups_total",
+            "counter",
+            "Reads of a user's stream to fill a seq gap.",
+            sum(&|m| read(&m.catch_ups)) as f64,
+        ),
+        (
+            "cluster_resync_closes_total",
+            "counter",
+            "Connections closed with 1012 after a lost epoch or an unfillable gap.",
+            sum(&|m| read(&m.resync_closed)) as f64,
+        ),
+    ];
+    for (name, kind, help, v) in rows {
+        let _ = writeln!(out, "# HELP switchyard_{name} {help}");
+        let _ = writeln!(out, "# TYPE switchyard_{name} {kind}");
+        let _ = writeln!(out, "switchyard_{name} {v}");
+    }
+}
+
+/// Adds `name="value"` to every sample line of an exposition.
+fn label_every_sample(text: &str, name: &str, value: &str) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 4);
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            out.push_str(line);
+        } else {
+            let metric_end = line.find([' ', '{']).unwrap_or(line.len());
+            let (metric, rest) = line.split_at(metric_end);
+            out.push_str(metric);
+            match rest.strip_prefix('{') {
+                Some(labels) => {
+                    let _ = write!(out, "{{{name}=\"{value}\",{labels}");
+                }
+                None => {
+                    let _ = write!(out, "{{{name}=\"{value}\"}}{rest}");
+                }
+            }
+        }
+        out.push('\n');
     }
     out
 }

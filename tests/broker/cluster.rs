@@ -379,3 +379,72 @@ async fn a_redis_cluster_of_three_masters_serves_two_nodes() {
     let _ = free_port();
     drop(ws.next());
 }
+
+/// Runs Debian's `promtool check metrics` (or `$SWITCHYARD_PROMTOOL`) on an exposition.
+fn promtool_check(text: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new(std::env::var("SWITCHYARD_PROMTOOL").unwrap_or_else(|_| "promtool".into()))
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (install Debian's prometheus or set SWITCHYARD_PROMTOOL)");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_histograms_labelled_by_node_that_add_up_across_nodes_and_pass_promtool() {
+    let redis = Redis::start().await;
+    let a = Node::start(&redis.url(), &["--node-id", "node-a"]);
+    let b = Node::start(&redis.url(), &["--node-id", "node-b"]);
+    let (mut on_a, _) = a.connect("user=mia").await;
+    let (mut on_b, _) = b.connect("user=mia").await;
+    for i in 1..=50 {
+        a.publish_ok("mia", i).await;
+    }
+    next_events(&mut on_a, 50).await;
+    next_events(&mut on_b, 50).await;
+    // Sum the latency counts over both nodes once both shards have published their figures.
+    let count = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("switchyard_latency_seconds_count{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let deadline = Instant::now() + WAIT;
+    let (text_a, text_b) = loop {
+        let (_, _, ta) = http(a.api, "GET", "/metrics", bytes::Bytes::new(), None).await;
+        let (_, _, tb) = http(b.api, "GET", "/metrics", bytes::Bytes::new(), None).await;
+        let (ta, tb) = (String::from_utf8(ta.to_vec()).unwrap(), String::from_utf8(tb.to_vec()).unwrap());
+        if count(&ta) + count(&tb) >= 100.0 || Instant::now() > deadline {
+            break (ta, tb);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(count(&text_a) + count(&text_b), 100.0, "50 events × 2 nodes' connections");
+    for (text, node) in [(&text_a, "node-a"), (&text_b, "node-b")] {
+        let (ok, report) = promtool_check(text);
+        assert!(ok, "promtool check metrics: {report}");
+        assert!(text.contains("# TYPE switchyard_latency_seconds histogram"));
+        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            assert!(line.contains(&format!("node=\"{node}\"")), "every sample names its node: {line}");
+        }
+        // Buckets are cumulative and end at the count.
+        let buckets: Vec<f64> = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("switchyard_latency_seconds_bucket{") && l.contains("priority=\"normal\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+        assert_eq!(buckets.last().copied(), Some(50.0));
+        assert!(text.contains("switchyard_cluster_nodes_seen{"), "cluster figures are exported");
+    }
+}
