@@ -62,10 +62,13 @@ struct CeilingArgs {
 
 #[derive(Args, Clone)]
 struct Common {
-    /// The broker's client listener.
+    /// The broker's client listener; for a cluster, a comma-separated list
+    /// of nodes: client i connects to node i mod N, and a client that
+    /// reconnects (churn, or dropped) goes to the next node.
     #[arg(long, default_value = "ws://127.0.0.1:8080")]
     target: String,
-    /// The broker's API listener.
+    /// The broker's API listener; for a cluster, a comma-separated list:
+    /// publisher p uses node p mod N (figures are read from the first).
     #[arg(long, default_value = "http://127.0.0.1:8081")]
     api: String,
     /// Mint HS256 client tokens with this secret (else dev mode, ?user=).
@@ -314,6 +317,13 @@ struct Run {
     /// Microseconds after `start` at which the measured window opens (set
     /// when publishing starts); earlier events are not sampled for latency.
     measure_from_us: AtomicU64,
+    /// The client listeners of the nodes (`--target`, split).
+    targets: Vec<String>,
+}
+
+/// Splits a comma-separated listener list, without trailing slashes.
+fn node_list(raw: &str) -> Vec<String> {
+    raw.split(',').map(|s| s.trim().trim_end_matches('/').to_string()).filter(|s| !s.is_empty()).collect()
 }
 
 fn user_name(i: usize) -> String {
@@ -321,8 +331,12 @@ fn user_name(i: usize) -> String {
 }
 
 async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
-    let target = common.target.trim_end_matches('/').to_string();
-    let api = common.api.trim_end_matches('/').to_string();
+    let targets = node_list(&common.target);
+    let apis = node_list(&common.api);
+    if targets.is_empty() || apis.is_empty() {
+        bail!("--target and --api need at least one address each");
+    }
+    let api = apis[0].clone();
     let (latency_tx, latency_rx) = flume::unbounded::<Vec<u64>>();
     let run = Arc::new(Run {
         sent: (0..common.users).map(|_| AtomicU64::new(0)).collect(),
@@ -337,6 +351,7 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
         measure_from_us: AtomicU64::new(u64::MAX),
         start: Instant::now(),
         common: common.clone(),
+        targets: targets.clone(),
     });
     let collector = tokio::spawn(async move {
         let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds");
@@ -348,7 +363,7 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
         h
     });
 
-    let shed_before = broker_shed(&api, common.api_key.as_deref()).await?;
+    let shed_before = broker_shed(&apis, common.api_key.as_deref()).await?;
 
     // Connect every client before publishing.
     let total_conns = common.users * common.conns_per_user;
@@ -360,10 +375,10 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
         let user = i % common.users;
         let slow = slow_every > 0 && i % slow_every == 0;
         // A few tries: on a lossy link a handshake can be lost like anything else.
-        let (ws, welcome) = connect_retrying(&target, &common, user, i, None, 5)
+        let (ws, welcome) = connect_retrying(&targets[i % targets.len()], &common, user, i, None, 5)
             .await
             .with_context(|| format!("connecting client {i}"))?;
-        conn_tasks.push(tokio::spawn(client_task(run.clone(), target.clone(), user, i, slow, ws, welcome)));
+        conn_tasks.push(tokio::spawn(client_task(run.clone(), user, i, slow, ws, welcome)));
     }
     eprintln!("connected {total_conns} clients in {:.2}s", connect_start.elapsed().as_secs_f64());
 
@@ -375,15 +390,20 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
         // Short: one broadcast is a lot of work, and at rate=max whatever
         // waits here is still sent after the schedule ends.
         let (tx, rx) = flume::bounded::<Outgoing>(16);
-        pub_tasks.push(tokio::spawn(broadcaster_task(run.clone(), api.clone(), rx)));
+        pub_tasks.push(tokio::spawn(broadcaster_task(
+            run.clone(),
+            apis[pub_tasks.len() % apis.len()].clone(),
+            rx,
+        )));
         pub_txs.push(tx);
     }
     for p in (0..common.publishers).filter(|_| !broadcasting) {
         let (tx, rx) = flume::bounded::<Outgoing>(8192);
+        let api = apis[p % apis.len()].clone();
         let ws = connect_stream(&api, common.api_key.as_deref())
             .await
             .with_context(|| format!("publisher {p}"))?;
-        pub_tasks.push(tokio::spawn(publisher_task(run.clone(), api.clone(), ws, rx)));
+        pub_tasks.push(tokio::spawn(publisher_task(run.clone(), api, ws, rx)));
         pub_txs.push(tx);
     }
 
@@ -435,7 +455,7 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
     totals.resumes = run.resumes.load(Ordering::Relaxed);
     totals.resume_failed = run.resume_failed.load(Ordering::Relaxed);
     totals.retried = run.retries.load(Ordering::Relaxed);
-    let shed_after = broker_shed(&api, common.api_key.as_deref()).await?;
+    let shed_after = broker_shed(&apis, common.api_key.as_deref()).await?;
     totals.settle(shed_after.saturating_sub(shed_before));
     drop(run);
     let hist = collector.await?;
@@ -922,7 +942,6 @@ async fn connect(
 /// One logical client connection: reads, checks, records latency, churns.
 async fn client_task(
     run: Arc<Run>,
-    target: String,
     user: usize,
     index: usize,
     slow: bool,
@@ -941,6 +960,12 @@ async fn client_task(
     let mut rng = fastrand::Rng::with_seed(index as u64);
     let mut churn_at = next_churn(&mut rng);
     let mut stopped = run.stopped.subscribe();
+    // Reconnects go to the next node each time (one node: the same one).
+    let mut hops = 0;
+    let mut next_target = || {
+        hops += 1;
+        run.targets[(index + hops) % run.targets.len()].clone()
+    };
     loop {
         if run.stop.load(Ordering::Relaxed) {
             break;
@@ -979,11 +1004,13 @@ async fn client_task(
                 }
                 None => {
                     // Dropped by the broker (e.g. 1013 for a slow reader): resume.
+                    let target = next_target();
                     if !reconnect(&run, &target, user, index, &mut ws, &mut epoch, &mut check).await { break }
                 }
             },
             _ = churn_sleep => {
                 ws.close().await;
+                let target = next_target();
                 if !reconnect(&run, &target, user, index, &mut ws, &mut epoch, &mut check).await { break }
                 churn_at = next_churn(&mut rng);
             }
@@ -1074,10 +1101,14 @@ async fn progress_task(run: Arc<Run>) {
     }
 }
 
-/// The broker's total shed count, from /v1/stats.
-async fn broker_shed(api: &str, key: Option<&str>) -> anyhow::Result<u64> {
-    let v = http_get_json(api, "/v1/stats", key).await?;
-    Ok(v["events"]["shed"].as_u64().unwrap_or(0))
+/// The nodes' total shed count, from their /v1/stats.
+async fn broker_shed(apis: &[String], key: Option<&str>) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for api in apis {
+        let v = http_get_json(api, "/v1/stats", key).await?;
+        total += v["events"]["shed"].as_u64().unwrap_or(0);
+    }
+    Ok(total)
 }
 
 /// A minimal HTTP/1.1 GET (the API listener is plain HTTP on loopback).
