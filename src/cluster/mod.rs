@@ -252,6 +252,18 @@ impl Engine {
         Ok(Synced { epoch: text(&parts[0])?.into(), seq: int(&parts[1])?, events })
     }
 
+    /// Starts a new epoch for a user whose history in Redis went back in time
+    /// (a seq was seen that Redis no longer has), if it is still on `seen`.
+    pub async fn renew_epoch(&self, user: &UserId, seen: &str) -> Result<(), EngineError> {
+        let k = self.keys.user(user);
+        let epoch = self.fresh_epoch();
+        let args: [&[u8]; 3] = [seen.as_bytes(), epoch.as_bytes(), self.ttl_ms.as_bytes()];
+        self.link
+            .eval(&self.scripts.renew, &[&k.meta, &k.stream, &k.ids], &args, &self.health)
+            .await
+            .map(drop)
+    }
+
     /// Forgets one of this node's connections (it closed).
     pub async fn leave(&self, user: &UserId, member: &str) -> Result<(), EngineError> {
         let mut c = redis::cmd("ZREM");

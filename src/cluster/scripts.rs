@@ -106,6 +106,19 @@ end
 return 0
 "#;
 
+/// KEYS: meta, stream, ids. ARGV: the epoch seen to regress, fresh epoch,
+/// ttl ms. Redis went back in time (a restart that lost acknowledged
+/// writes): if the user is still on that epoch, start a new one at seq 0,
+/// so no (epoch, seq) is ever given to two events. Returns the epoch now.
+const RENEW: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if epoch ~= ARGV[1] then return epoch end
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('HSET', KEYS[1], 'e', ARGV[2], 's', 0)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return ARGV[2]
+"#;
+
 /// One script: its body and SHA-1.
 pub struct Script {
     pub body: String,
@@ -126,6 +139,7 @@ pub struct Scripts {
     pub sync: Script,
     pub drop: Script,
     pub touch: Script,
+    pub renew: Script,
 }
 
 impl Default for Scripts {
@@ -135,6 +149,7 @@ impl Default for Scripts {
             sync: Script::new(&[ENSURE_EPOCH, SYNC]),
             drop: Script::new(&[DROP]),
             touch: Script::new(&[TOUCH]),
+            renew: Script::new(&[RENEW]),
         }
     }
 }

@@ -117,6 +117,9 @@ pub struct ShardCore {
     persist: Option<RefCell<Persist>>,
     /// Cluster mode: gap fills decided while the user map was borrowed.
     pending_catch_ups: RefCell<Vec<(UserId, u64, Arc<crate::cluster::Engine>)>>,
+    /// Cluster mode: users whose history Redis lost part of, found while
+    /// the user map was borrowed.
+    regressions: RefCell<Vec<(UserId, String)>>,
     /// Cluster mode: histories grew while the user map was borrowed.
     enforce_budget_later: Cell<bool>,
 }
@@ -134,6 +137,7 @@ impl ShardCore {
             budget: RefCell::new(Budget::new(shared.config.history_memory / shared.config.shards.max(1))),
             persist: persist.map(RefCell::new),
             pending_catch_ups: RefCell::new(Vec::new()),
+            regressions: RefCell::new(Vec::new()),
             enforce_budget_later: Cell::new(false),
             shared,
         }

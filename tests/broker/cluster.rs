@@ -448,3 +448,66 @@ async fn metrics_are_histograms_labelled_by_node_that_add_up_across_nodes_and_pa
         assert!(text.contains("switchyard_cluster_nodes_seen{"), "cluster figures are exported");
     }
 }
+
+/// Makes Redis forget a user's last `n` events the way a crash under
+/// `appendfsync everysec` can: the seq counter and the stream go back.
+async fn lose_last_events(redis: &Redis, user: &str, seq: u64, n: u64) {
+    let meta = format!("sy:{{{user}}}:m");
+    let stream = format!("sy:{{{user}}}:s");
+    assert!(redis.cmd(&["HSET", &meta, "s", &(seq - n).to_string()]).await.starts_with(':'));
+    for q in seq - n + 1..=seq {
+        redis.cmd(&["XDEL", &stream, &format!("{q}-0")]).await;
+    }
+    let top = format!("{}-0", seq - n);
+    assert!(redis.cmd(&["XSETID", &stream, &top]).await.starts_with("+OK"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_redis_loses_acknowledged_writes_the_user_gets_a_new_epoch_instead_of_reused_seqs() {
+    let redis = Redis::start().await;
+    let a = Node::start(&redis.url(), &[]);
+    let b = Node::start(&redis.url(), &[]);
+    // A node that delivered seqs Redis no longer has notices the reassigned seq.
+    let (mut ws, w) = a.connect("user=kim").await;
+    let old = w["epoch"].as_str().unwrap().to_string();
+    for i in 1..=5 {
+        b.publish_ok("kim", i).await;
+    }
+    assert_eq!(seqs(&next_events(&mut ws, 5).await), vec![1, 2, 3, 4, 5]);
+    lose_last_events(&redis, "kim", 5, 2).await;
+    let r = b.publish_ok("kim", 6).await;
+    assert_eq!(r["seq"], 4, "Redis reassigned seq 4: {r}");
+    assert_eq!(close_code(&mut ws).await, 1012, "the node saw a different event at seq 4");
+    let (_, w) = a.connect(&format!("user=kim&since=5&epoch={old}")).await;
+    assert_eq!(w["recovered"], false, "{w}");
+    assert_ne!(w["epoch"], old.as_str(), "a new epoch, so no (epoch, seq) is reused");
+
+    // A client that saw seqs Redis no longer has, resuming on a node with no copy.
+    let (mut ws, w) = b.connect("user=lou").await;
+    let old = w["epoch"].as_str().unwrap().to_string();
+    for i in 1..=5 {
+        b.publish_ok("lou", i).await;
+    }
+    assert_eq!(seqs(&next_events(&mut ws, 5).await), vec![1, 2, 3, 4, 5]);
+    drop(ws);
+    lose_last_events(&redis, "lou", 5, 2).await;
+    // Wait until b has dropped lou's copy (its last connection closed).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, st) = b.request("GET", "/v1/stats", Value::Null).await;
+        if st["users"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{st}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let addr = a.client.clone();
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws?user=lou&since=5&epoch={old}"))
+            .await
+            .expect("upgrade");
+    assert_eq!(close_code(&mut ws).await, 1012, "the client is ahead of Redis: resume");
+    let (_, w) = a.connect(&format!("user=lou&since=5&epoch={old}")).await;
+    assert_eq!(w["recovered"], false, "{w}");
+    assert_ne!(w["epoch"], old.as_str());
+}

@@ -41,6 +41,15 @@ const MAX_BUFFERED: usize = 10_000;
 /// user's connections are closed (1012) to resume later.
 const CATCH_UP_PATIENCE: Duration = Duration::from_secs(10);
 
+/// What a gap read found.
+enum GapRead {
+    Read(Synced),
+    /// Behind what was already delivered from Redis: Redis lost writes.
+    Behind(Synced),
+    /// Redis stayed unreachable for [`CATCH_UP_PATIENCE`].
+    Failed(EngineError),
+}
+
 /// A live event waiting for its user's sync.
 pub(super) struct Parked {
     epoch: Arc<str>,
@@ -125,11 +134,43 @@ impl ShardCore {
         };
         let mut users = self.users.borrow_mut();
         let Some(user) = users.get_mut(&conn.user) else { return };
+        // The client saw its seqs before it connected, so before this read:
+        // a read behind them means Redis lost them. (The node's own copy is
+        // no such witness here: it may hold events published after the read.)
+        let client_ahead =
+            resume.as_ref().is_some_and(|r| r.epoch.as_deref() == Some(&*s.epoch) && r.since > s.seq);
+        if client_ahead {
+            drop(users);
+            self.history_regressed(&conn.user, &s.epoch);
+            return;
+        }
         self.reconcile(&conn.user, user, s);
         conn.pending.set(false);
         self.queue_welcome(conn, user, resume.as_ref());
         let parked = user.sync.take_parked();
         self.apply_parked(&conn.user, user, parked);
+    }
+
+    /// Redis has less of a user's history than was already seen (a restart
+    /// that lost acknowledged writes): give the user a new epoch in Redis and
+    /// close its connections here (1012), so clients resume and learn
+    /// `recovered:false` instead of taking reassigned seqs as duplicates.
+    fn history_regressed(&self, user_id: &UserId, epoch: &str) {
+        tracing::warn!(user = %user_id.as_str(), "Redis lost part of a user's history; starting a new epoch");
+        if let Some(u) = self.users.borrow().get(user_id) {
+            let conns = self.conns.borrow();
+            for c in u.conns.iter().filter_map(|k| conns.get(*k)) {
+                bump(&self.handle().metrics.resync_closed, 1);
+                c.close_now(1012, "the user's history was lost; resume");
+            }
+        }
+        let Some(engine) = self.engine().cloned() else { return };
+        let (user, epoch) = (user_id.clone(), epoch.to_string());
+        tokio::task::spawn_local(async move {
+            if let Err(e) = engine.renew_epoch(&user, &epoch).await {
+                tracing::warn!(error = %e, "could not renew a user's epoch");
+            }
+        });
     }
 
     /// Merges a read of the user's state into the local copy. Closes the
@@ -243,7 +284,16 @@ impl ShardCore {
             return Some(p);
         }
         if p.seq <= u.applied {
-            bump(&self.handle().metrics.duplicates, 1);
+            // Pub/Sub never repeats a message; an older seq is one a gap read
+            // already delivered — unless its event differs from the one held,
+            // which means Redis lost writes and reassigned that seq.
+            let differs =
+                u.history.get_seq(p.seq).is_some_and(|h| crate::wsframe::payload(&h.frame) != &p.body[..]);
+            if differs {
+                self.regressions.borrow_mut().push((user_id.clone(), p.epoch.to_string()));
+            } else {
+                bump(&self.handle().metrics.duplicates, 1);
+            }
             return None;
         }
         if p.seq != u.applied + 1 {
@@ -291,27 +341,36 @@ impl ShardCore {
             let mut pause = Duration::from_millis(20);
             let r = loop {
                 match engine.sync(&user, from, None).await {
+                    // Delivered (so written to Redis) before this read began:
+                    // a read behind it means Redis lost acknowledged writes.
+                    Ok(s) if s.seq + 1 < from => break GapRead::Behind(s),
                     Err(EngineError::Unavailable(_)) if Instant::now() + pause < deadline => {
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_millis(500));
                     }
-                    r => break r,
+                    Ok(s) => break GapRead::Read(s),
+                    Err(e) => break GapRead::Failed(e),
                 }
             };
             core.caught_up(&user, r);
         });
     }
 
-    fn caught_up(self: &Rc<Self>, user_id: &UserId, r: Result<Synced, EngineError>) {
+    fn caught_up(self: &Rc<Self>, user_id: &UserId, r: GapRead) {
         let mut users = self.users.borrow_mut();
         let Some(u) = users.get_mut(user_id) else { return };
         match r {
-            Ok(s) => {
+            GapRead::Behind(s) if *u.epoch == *s.epoch => {
+                drop(users);
+                self.history_regressed(user_id, &s.epoch);
+                return;
+            }
+            GapRead::Read(s) | GapRead::Behind(s) => {
                 self.reconcile(user_id, u, s);
                 let parked = u.sync.take_parked();
                 self.apply_parked(user_id, u, parked);
             }
-            Err(e) => {
+            GapRead::Failed(e) => {
                 tracing::warn!(error = %e, "could not fill a gap from Redis; closing the user's connections");
                 self.close_live(u, "cluster engine unavailable; resume");
                 u.sync = SyncState::Ready;
@@ -323,6 +382,10 @@ impl ShardCore {
 
     /// Starts catch-ups decided while the user map was borrowed.
     pub(super) fn run_pending_catch_ups(self: &Rc<Self>) {
+        let regressed = std::mem::take(&mut *self.regressions.borrow_mut());
+        for (user, epoch) in regressed {
+            self.history_regressed(&user, &epoch);
+        }
         let todo = std::mem::take(&mut *self.pending_catch_ups.borrow_mut());
         for (user, from, engine) in todo {
             self.catch_up(&engine, user, from);
