@@ -365,12 +365,11 @@ async fn cluster_publish(
             Target::One(u) => std::slice::from_ref(u),
             Target::Many(us) => us,
         };
-        for u in users {
-            let id = req.id.as_deref();
-            calls.push(async move { engine.publish(u, &ev, id).await });
+        for user in users {
+            calls.push(crate::cluster::PublishItem { user, ev, id: req.id.as_deref() });
         }
     }
-    let mut results = futures_util::future::join_all(calls).await.into_iter();
+    let mut results = engine.publish_many(&calls).await.into_iter();
     prepared
         .iter()
         .map(|r| {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, ErrorKind, ServerErrorKind, Value};
+use redis::{Cmd, ErrorKind, Pipeline, ServerErrorKind, Value};
 
 use super::scripts::Script;
 use super::EngineError;
@@ -102,6 +102,29 @@ impl Link {
                 tokio::time::timeout(CALL_TIMEOUT, cmd.query_async::<Value>(&mut c)).await
             }
         };
+        Self::settle(r, health)
+    }
+
+    /// Runs a pipeline as one request (so its commands run in order; in a
+    /// Redis Cluster its keys must share a slot) within [`CALL_TIMEOUT`].
+    /// Errors of single commands come back as `Value::ServerError` items.
+    pub async fn pipeline(&self, pipe: &Pipeline, health: &Health) -> Result<Vec<Value>, EngineError> {
+        let r = match self.clone() {
+            Link::Single(mut c) => {
+                tokio::time::timeout(CALL_TIMEOUT, pipe.query_async::<Vec<Value>>(&mut c)).await
+            }
+            Link::Cluster(mut c) => {
+                tokio::time::timeout(CALL_TIMEOUT, pipe.query_async::<Vec<Value>>(&mut c)).await
+            }
+        };
+        Self::settle(r, health)
+    }
+
+    /// Maps a call's outcome to the engine's errors and records reachability.
+    fn settle<T>(
+        r: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+        health: &Health,
+    ) -> Result<T, EngineError> {
         let r = match r {
             Ok(r) => r.map_err(EngineError::from_redis),
             Err(_) => Err(EngineError::Unavailable("Redis did not answer in time".into())),

@@ -69,6 +69,13 @@ pub struct Outgoing<'a> {
     pub at_us: u64,
 }
 
+/// One event for one user, as [`Engine::publish_many`] takes it.
+pub struct PublishItem<'a> {
+    pub user: &'a UserId,
+    pub ev: Outgoing<'a>,
+    pub id: Option<&'a str>,
+}
+
 /// What the publish script did.
 #[derive(Debug, Clone, Copy)]
 pub struct Assigned {
@@ -123,6 +130,8 @@ pub struct Engine {
     boot: String,
     epochs: AtomicU64,
     nodes_seen: AtomicU64,
+    /// Redis is known to hold the scripts (reset by any failure).
+    scripts_loaded: std::sync::atomic::AtomicBool,
     requests: mpsc::UnboundedSender<live::Request>,
 }
 
@@ -168,6 +177,7 @@ impl Engine {
             boot: boot.to_string(),
             epochs: AtomicU64::new(0),
             nodes_seen: AtomicU64::new(0),
+            scripts_loaded: std::sync::atomic::AtomicBool::new(false),
             requests: tx,
         };
         let sub = Subscriber { clients, keys: engine.keys.clone(), health, requests: rx };
@@ -204,24 +214,96 @@ impl Engine {
         ev: &Outgoing<'_>,
         id: Option<&str>,
     ) -> Result<Assigned, EngineError> {
-        let k = self.keys.user(user);
-        let channel = self.keys.channel(user);
-        let epoch = self.fresh_epoch();
-        let at = ev.at_us.to_string();
-        let args: [&[u8]; 8] = [
-            channel.as_bytes(),
-            self.maxlen.as_bytes(),
-            self.ttl_ms.as_bytes(),
-            epoch.as_bytes(),
-            id.unwrap_or("").as_bytes(),
-            ev.tail,
-            ev.priority.as_str().as_bytes(),
-            at.as_bytes(),
-        ];
-        let v =
-            self.link.eval(&self.scripts.publish, &[&k.meta, &k.stream, &k.ids], &args, &self.health).await?;
-        let parts = array(v, 4)?;
-        Ok(Assigned { seq: int(&parts[1])?, duplicate: int(&parts[2])? == 1, nodes: int(&parts[3])? as u32 })
+        let item = PublishItem { user, ev: *ev, id };
+        self.publish_many(std::slice::from_ref(&item))
+            .await
+            .pop()
+            .unwrap_or(Err(EngineError::Reply("no result")))
+    }
+
+    /// Publishes many events; results in the order given. Each user's
+    /// events go as one pipeline (one request, run by Redis in order, in one
+    /// hash slot), so a user's seqs follow the given order whatever the
+    /// client library does with concurrent requests; different users'
+    /// pipelines go out together and share round trips.
+    pub async fn publish_many(&self, items: &[PublishItem<'_>]) -> Vec<Result<Assigned, EngineError>> {
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut index: std::collections::HashMap<&UserId, usize> = std::collections::HashMap::new();
+        for (i, it) in items.iter().enumerate() {
+            let g = *index.entry(it.user).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[g].push(i);
+        }
+        let calls = groups.iter().map(|g| self.publish_user(g.iter().map(|&i| &items[i]).collect()));
+        let mut out: Vec<Result<Assigned, EngineError>> =
+            (0..items.len()).map(|_| Err(EngineError::Reply("no result"))).collect();
+        for (g, results) in groups.iter().zip(futures_util::future::join_all(calls).await) {
+            for (&i, r) in g.iter().zip(results) {
+                out[i] = r;
+            }
+        }
+        out
+    }
+
+    /// One user's publishes as one pipeline. Scripts go by SHA once Redis is
+    /// known to hold them; after a failure (Redis may have restarted and
+    /// lost its script cache) by body until one succeeds, so a pipeline's
+    /// commands never half-fail for a missing script. A `NOSCRIPT` anyway
+    /// (an operator's `SCRIPT FLUSH`) is retried by body for those items.
+    async fn publish_user(&self, items: Vec<&PublishItem<'_>>) -> Vec<Result<Assigned, EngineError>> {
+        let by_body = !self.scripts_loaded.load(Ordering::Relaxed);
+        let mut results = self.publish_pipeline(&items, by_body).await;
+        let missing: Vec<usize> =
+            (0..results.len()).filter(|&i| matches!(results[i], Err(EngineError::NoScript))).collect();
+        if !missing.is_empty() {
+            self.scripts_loaded.store(false, Ordering::Relaxed);
+            let again: Vec<&PublishItem<'_>> = missing.iter().map(|&i| items[i]).collect();
+            for (i, r) in missing.into_iter().zip(self.publish_pipeline(&again, true).await) {
+                results[i] = r;
+            }
+        }
+        if results.iter().any(|r| matches!(r, Err(EngineError::Unavailable(_)))) {
+            self.scripts_loaded.store(false, Ordering::Relaxed);
+        } else if by_body && results.iter().any(Result::is_ok) {
+            self.scripts_loaded.store(true, Ordering::Relaxed);
+        }
+        results
+    }
+
+    async fn publish_pipeline(
+        &self,
+        items: &[&PublishItem<'_>],
+        by_body: bool,
+    ) -> Vec<Result<Assigned, EngineError>> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for it in items {
+            pipe.add_command(self.publish_cmd(it, by_body));
+        }
+        match self.link.pipeline(&pipe, &self.health).await {
+            Err(e) => items.iter().map(|_| Err(e.clone())).collect(),
+            Ok(values) if values.len() == items.len() => values.into_iter().map(assigned).collect(),
+            Ok(_) => items.iter().map(|_| Err(EngineError::Reply("pipeline length"))).collect(),
+        }
+    }
+
+    /// The publish script call for one item.
+    fn publish_cmd(&self, it: &PublishItem<'_>, by_body: bool) -> redis::Cmd {
+        let k = self.keys.user(it.user);
+        let script = &self.scripts.publish;
+        let mut c = redis::cmd(if by_body { "EVAL" } else { "EVALSHA" });
+        c.arg(if by_body { &script.body } else { &script.sha }).arg(3).arg(k.meta).arg(k.stream).arg(k.ids);
+        c.arg(self.keys.channel(it.user))
+            .arg(&self.maxlen)
+            .arg(&self.ttl_ms)
+            .arg(self.fresh_epoch())
+            .arg(it.id.unwrap_or(""))
+            .arg(it.ev.tail)
+            .arg(it.ev.priority.as_str())
+            .arg(it.ev.at_us);
+        c
     }
 
     /// Reads a user's epoch, seq and the held events from `from` on (none
@@ -374,6 +456,18 @@ impl Engine {
             }
         }
     }
+}
+
+/// One publish script reply (`{epoch, seq, duplicate, receivers}`) or its error.
+fn assigned(v: Value) -> Result<Assigned, EngineError> {
+    if let Value::ServerError(e) = &v {
+        return Err(match e.kind() {
+            Some(redis::ServerErrorKind::NoScript) => EngineError::NoScript,
+            _ => EngineError::Refused(e.to_string()),
+        });
+    }
+    let parts = array(v, 4)?;
+    Ok(Assigned { seq: int(&parts[1])?, duplicate: int(&parts[2])? == 1, nodes: int(&parts[3])? as u32 })
 }
 
 /// Members whose node is alive.

@@ -25,7 +25,27 @@ impl Node {
         let mut args = vec!["--cluster", url, "--shards", "2"];
         args.extend_from_slice(extra);
         let (child, client, api) = spawn_binary(&args);
-        Node { child: Some(child), client, api: api.parse().unwrap() }
+        let node = Node { child: Some(child), client, api: api.parse().unwrap() };
+        node.wait_ready_blocking();
+        node
+    }
+
+    /// Waits (bounded) until `/readyz` says 200: Redis reached by commands and Pub/Sub.
+    fn wait_ready_blocking(&self) {
+        use std::io::{Read, Write};
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut s = std::net::TcpStream::connect(&self.client).unwrap();
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+            let mut buf = String::new();
+            let _ = s.read_to_string(&mut buf);
+            if buf.starts_with("HTTP/1.1 200") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "node never became ready: {buf}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub async fn publish(&self, body: Value) -> (u16, Value) {
@@ -510,4 +530,37 @@ async fn when_redis_loses_acknowledged_writes_the_user_gets_a_new_epoch_instead_
     let (_, w) = a.connect(&format!("user=lou&since=5&epoch={old}")).await;
     assert_eq!(w["recovered"], false, "{w}");
     assert_ne!(w["epoch"], old.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_loses_its_pubsub_connection_fills_the_gap_from_history_without_closing_anyone() {
+    let redis = Redis::start().await;
+    let a = Node::start(&redis.url(), &["--node-id", "gap-a"]);
+    let b = Node::start(&redis.url(), &["--node-id", "gap-b"]);
+    let (mut ws, _) = a.connect("user=nia").await;
+    b.publish_ok("nia", 1).await;
+    assert_eq!(seqs(&next_events(&mut ws, 1).await), vec![1]);
+    // Cut every Pub/Sub connection (node a's included) and publish while it is gone.
+    assert!(redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).await.starts_with(':'));
+    for i in 2..=30 {
+        b.publish_ok("nia", i).await;
+    }
+    let evs = next_events(&mut ws, 29).await;
+    assert_eq!(seqs(&evs), (2..=30).collect::<Vec<_>>(), "in order, none missing, none twice");
+    // Live again after the catch-up.
+    b.publish_ok("nia", 31).await;
+    assert_eq!(seqs(&next_events(&mut ws, 1).await), vec![31]);
+    let (_, st) = a.request("GET", "/v1/stats", Value::Null).await;
+    assert_eq!(st["cluster"]["node"], "gap-a", "{st}");
+    assert_eq!(st["cluster"]["resync_closed"], 0, "nobody was closed: {st}");
+    assert!(st["cluster"]["catch_ups"].as_u64().unwrap() >= 1, "the gap was read from history: {st}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, st) = a.request("GET", "/v1/stats", Value::Null).await;
+        if st["cluster"]["nodes_seen"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node a never saw node b: {st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
