@@ -39,6 +39,8 @@
 //! engine/           --data-dir: locked directory, segment log, records
 //! routing, metrics, auth, batch
 //! protocol, sse     wire vocabulary and framing (encode once)
+//! jsonscan          one-pass JSON validation for publish objects (no tree)
+//! publish_model     the serde_json model the fast parser is fuzzed against
 //! config, redact, wsframe, fdlimit
 //! ```
 //!
@@ -62,11 +64,13 @@ pub mod engine;
 pub mod fdlimit;
 pub mod histdump;
 pub mod inbox;
+pub mod jsonscan;
 pub mod listener;
 pub mod metrics;
 pub mod observe;
 pub mod protocol;
 pub mod publish;
+pub mod publish_model;
 pub mod redact;
 pub mod ring;
 pub mod routing;

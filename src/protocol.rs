@@ -17,6 +17,7 @@ use simd_json::prelude::*;
 use simd_json::BorrowedValue;
 use thiserror::Error;
 
+use crate::jsonscan;
 use crate::redact::Redactor;
 use crate::wsframe;
 
@@ -174,42 +175,112 @@ pub struct BroadcastRequest {
 /// Most users one publish object may address.
 pub const MAX_USERS_PER_PUBLISH: usize = 1000;
 
-/// Parses and validates one publish object from `raw` (which simd-json
-/// parses in place, hence `&mut`).
-pub fn parse_publish(raw: &mut [u8], redactor: &Redactor) -> Result<PublishRequest, InvalidInput> {
-    let mut value = parse_json(raw)?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| InvalidInput::new("invalid_json", "a publish object must be a JSON object"))?;
+/// Parses and validates one publish object in one pass over its bytes
+/// ([`jsonscan`]): no document tree, and `data` is copied verbatim from the
+/// input (only when `--redact-keys` could match inside it is `data` parsed,
+/// redacted and written again).
+pub fn parse_publish(raw: &[u8], redactor: &Redactor) -> Result<PublishRequest, InvalidInput> {
+    let obj = scan_object(raw, "a publish object must be a JSON object")?;
     let target = match (obj.get("user"), obj.get("users")) {
         (Some(_), Some(_)) => {
             return Err(InvalidInput::new("invalid_user", "give either \"user\" or \"users\", not both"))
         }
-        (Some(u), None) => Target::One(UserId::parse(
-            u.as_str().ok_or_else(|| InvalidInput::new("invalid_user", "\"user\" must be a string"))?,
-        )?),
-        (None, Some(list)) => Target::Many(parse_user_list(list)?),
+        (Some(u), None) => match &u.value {
+            jsonscan::Value::String(s) => Target::One(UserId::parse(s)?),
+            _ => return Err(InvalidInput::new("invalid_user", "\"user\" must be a string")),
+        },
+        (None, Some(list)) => Target::Many(user_list(&list.value)?),
         (None, None) => {
             return Err(InvalidInput::new("missing_field", "a publish object needs \"user\" or \"users\""))
         }
     };
-    let id = match obj.get("id") {
+    let id = match obj.get("id").map(|m| &m.value) {
         None => None,
-        Some(v) => Some(parse_idempotency_key(
-            v.as_str().ok_or_else(|| InvalidInput::new("invalid_id", "\"id\" must be a string"))?,
-        )?),
+        Some(jsonscan::Value::String(s)) => Some(parse_idempotency_key(s)?),
+        Some(_) => return Err(InvalidInput::new("invalid_id", "\"id\" must be a string")),
     };
-    let event = prepare_event(&mut value, redactor)?;
+    let event = event_of(raw, &obj, redactor)?;
     Ok(PublishRequest { target, event, id })
 }
 
 /// Parses and validates a broadcast object.
-pub fn parse_broadcast(raw: &mut [u8], redactor: &Redactor) -> Result<BroadcastRequest, InvalidInput> {
-    let mut value = parse_json(raw)?;
-    if value.as_object().is_none() {
-        return Err(InvalidInput::new("invalid_json", "a broadcast object must be a JSON object"));
+pub fn parse_broadcast(raw: &[u8], redactor: &Redactor) -> Result<BroadcastRequest, InvalidInput> {
+    let obj = scan_object(raw, "a broadcast object must be a JSON object")?;
+    Ok(BroadcastRequest { event: event_of(raw, &obj, redactor)? })
+}
+
+/// Scans `raw` and returns its top-level object's members.
+fn scan_object<'a>(raw: &'a [u8], not_object: &'static str) -> Result<jsonscan::Object<'a>, InvalidInput> {
+    match jsonscan::scan(raw) {
+        Ok(jsonscan::Top::Object(o)) => Ok(o),
+        Ok(jsonscan::Top::NotAnObject) => Err(InvalidInput::new("invalid_json", not_object)),
+        Err(e) => Err(InvalidInput::new("invalid_json", format!("invalid JSON: {e}"))),
     }
-    Ok(BroadcastRequest { event: prepare_event(&mut value, redactor)? })
+}
+
+/// `users`: 1-1000 strings, each a valid user ID; repeats dropped.
+fn user_list(v: &jsonscan::Value<'_>) -> Result<Vec<UserId>, InvalidInput> {
+    let jsonscan::Value::Strings(list) = v else {
+        return Err(InvalidInput::new("invalid_user", "\"users\" must be an array of strings"));
+    };
+    if list.is_empty() || list.len() > MAX_USERS_PER_PUBLISH {
+        return Err(InvalidInput::new(
+            "invalid_user",
+            format!("\"users\" must hold 1-{MAX_USERS_PER_PUBLISH} user IDs"),
+        ));
+    }
+    let mut users = Vec::with_capacity(list.len());
+    let mut seen = std::collections::HashSet::with_capacity_and_hasher(list.len(), ahash::RandomState::new());
+    for s in list {
+        if seen.insert(s.as_ref()) {
+            users.push(UserId::parse(s)?);
+        }
+    }
+    Ok(users)
+}
+
+/// Validates `event` and `priority`, and takes `data` (verbatim, or
+/// redacted when a `--redact-keys` key could occur in it).
+fn event_of(
+    raw: &[u8],
+    obj: &jsonscan::Object<'_>,
+    redactor: &Redactor,
+) -> Result<Arc<PreparedEvent>, InvalidInput> {
+    let name = match obj.get("event").map(|m| &m.value) {
+        Some(jsonscan::Value::String(s)) => s,
+        Some(_) => return Err(InvalidInput::new("invalid_event", "\"event\" must be a string")),
+        None => return Err(InvalidInput::new("missing_field", "\"event\" is required")),
+    };
+    validate_event_name(name)?;
+    let priority = match obj.get("priority").map(|m| &m.value) {
+        None => Priority::Normal,
+        Some(jsonscan::Value::String(s)) => Priority::parse(s)?,
+        Some(_) => return Err(InvalidInput::new("invalid_priority", "\"priority\" must be a string")),
+    };
+    let data = match obj.get("data") {
+        None => Bytes::from_static(b"null"),
+        Some(m) => {
+            let text = &raw[m.span.clone()];
+            if redactor.may_match(text) {
+                redacted(text, redactor)?
+            } else {
+                Bytes::copy_from_slice(text)
+            }
+        }
+    };
+    Ok(Arc::new(PreparedEvent { name: name.as_ref().into(), data, priority }))
+}
+
+/// `data` parsed, stripped of the redacted keys and written back compactly.
+fn redacted(text: &[u8], redactor: &Redactor) -> Result<Bytes, InvalidInput> {
+    let mut buf = text.to_vec();
+    let mut value = parse_json(&mut buf)?;
+    redactor.redact(&mut value);
+    let mut out = Vec::with_capacity(text.len());
+    value
+        .write(&mut out)
+        .map_err(|e| InvalidInput::new("invalid_json", format!("cannot encode data: {e}")))?;
+    Ok(Bytes::from(out))
 }
 
 thread_local! {
@@ -227,64 +298,6 @@ fn parse_json(raw: &mut [u8]) -> Result<BorrowedValue<'_>, InvalidInput> {
             Err(_) => simd_json::to_borrowed_value(raw),
         })
         .map_err(|e| InvalidInput::new("invalid_json", format!("invalid JSON: {e}")))
-}
-
-fn parse_user_list(list: &BorrowedValue<'_>) -> Result<Vec<UserId>, InvalidInput> {
-    let arr = list
-        .as_array()
-        .ok_or_else(|| InvalidInput::new("invalid_user", "\"users\" must be an array of strings"))?;
-    if arr.is_empty() || arr.len() > MAX_USERS_PER_PUBLISH {
-        return Err(InvalidInput::new(
-            "invalid_user",
-            format!("\"users\" must hold 1-{MAX_USERS_PER_PUBLISH} user IDs"),
-        ));
-    }
-    let mut users = Vec::with_capacity(arr.len());
-    let mut seen = std::collections::HashSet::with_capacity_and_hasher(arr.len(), ahash::RandomState::new());
-    for u in arr.iter() {
-        let s = u
-            .as_str()
-            .ok_or_else(|| InvalidInput::new("invalid_user", "\"users\" must be an array of strings"))?;
-        if seen.insert(s) {
-            users.push(UserId::parse(s)?);
-        }
-    }
-    Ok(users)
-}
-
-/// Validates `event`, `priority` and `data`, redacts `data` and serialises it.
-fn prepare_event(
-    value: &mut BorrowedValue<'_>,
-    redactor: &Redactor,
-) -> Result<Arc<PreparedEvent>, InvalidInput> {
-    let obj =
-        value.as_object_mut().ok_or_else(|| InvalidInput::new("invalid_json", "expected a JSON object"))?;
-    let name = match obj.get("event") {
-        Some(v) => {
-            v.as_str().ok_or_else(|| InvalidInput::new("invalid_event", "\"event\" must be a string"))?
-        }
-        None => return Err(InvalidInput::new("missing_field", "\"event\" is required")),
-    };
-    validate_event_name(name)?;
-    let name: Box<str> = name.into();
-    let priority = match obj.get("priority") {
-        None => Priority::Normal,
-        Some(v) => Priority::parse(
-            v.as_str()
-                .ok_or_else(|| InvalidInput::new("invalid_priority", "\"priority\" must be a string"))?,
-        )?,
-    };
-    let data = match obj.get_mut("data") {
-        None => Bytes::from_static(b"null"),
-        Some(d) => {
-            redactor.redact(d);
-            let mut out = Vec::with_capacity(64);
-            d.write(&mut out)
-                .map_err(|e| InvalidInput::new("invalid_json", format!("cannot encode data: {e}")))?;
-            Bytes::from(out)
-        }
-    };
-    Ok(Arc::new(PreparedEvent { name, data, priority }))
 }
 
 /// Unix time in milliseconds (an event's `ts`).
@@ -446,9 +459,9 @@ mod tests {
 
     #[test]
     fn parses_a_full_publish_object() {
-        let mut raw =
+        let raw =
             br#"{"user":"u1","event":"agent_thinking","data":{"text":"hi"},"priority":"high"}"#.to_vec();
-        let p = parse_publish(&mut raw, &redactor()).unwrap();
+        let p = parse_publish(&raw, &redactor()).unwrap();
         assert!(matches!(p.target, Target::One(ref u) if u.as_str() == "u1"));
         assert_eq!(&*p.event.name, "agent_thinking");
         assert_eq!(p.event.priority, Priority::High);
@@ -457,8 +470,8 @@ mod tests {
 
     #[test]
     fn data_defaults_to_null_and_priority_to_normal() {
-        let mut raw = br#"{"users":["a","b","a"],"event":"e"}"#.to_vec();
-        let p = parse_publish(&mut raw, &redactor()).unwrap();
+        let raw = br#"{"users":["a","b","a"],"event":"e"}"#.to_vec();
+        let p = parse_publish(&raw, &redactor()).unwrap();
         match p.target {
             Target::Many(u) => assert_eq!(u.len(), 2),
             _ => panic!("expected many"),
@@ -484,8 +497,8 @@ mod tests {
             (br#"{"user":"u","event":"e","id":"a b"}"#, "invalid_id"),
         ];
         for (raw, code) in cases {
-            let mut buf = raw.to_vec();
-            let err = parse_publish(&mut buf, &redactor()).unwrap_err();
+            let buf = raw.to_vec();
+            let err = parse_publish(&buf, &redactor()).unwrap_err();
             assert_eq!(err.code, *code, "input {:?}", String::from_utf8_lossy(raw));
         }
     }

@@ -118,8 +118,7 @@ pub fn parse_raw(shared: &Shared, raw: &[u8]) -> Result<PublishRequest, PublishE
     if raw.len() > limit {
         return Err(PublishError::TooLarge { size: raw.len(), limit });
     }
-    let mut buf = raw.to_vec();
-    Ok(protocol::parse_publish(&mut buf, &shared.redactor)?)
+    Ok(protocol::parse_publish(raw, &shared.redactor)?)
 }
 
 /// Commands one step may put in a shard's ring: half of it, so a step

@@ -27,6 +27,21 @@ impl Redactor {
         self.keys.is_empty()
     }
 
+    /// Whether a configured key could occur in the JSON text `data`: one of
+    /// them appears in it (ignoring ASCII case), or it holds an escape (a key
+    /// could be spelled with `\u` escapes). `false` lets `data` be copied
+    /// verbatim.
+    pub fn may_match(&self, data: &[u8]) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        data.contains(&b'\\')
+            || self
+                .keys
+                .iter()
+                .any(|k| data.windows(k.len().max(1)).any(|w| w.eq_ignore_ascii_case(k.as_bytes())))
+    }
+
     fn matches(&self, key: &str) -> bool {
         self.keys.iter().any(|k| k.eq_ignore_ascii_case(key))
     }

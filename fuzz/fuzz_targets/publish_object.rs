@@ -6,8 +6,7 @@ use switchyard::redact::Redactor;
 
 fuzz_target!(|data: &[u8]| {
     let redactor = Redactor::new(vec!["api_key".into(), "authorization".into()]);
-    let mut buf = data.to_vec();
-    if let Ok(p) = protocol::parse_publish(&mut buf, &redactor) {
+    if let Ok(p) = protocol::parse_publish(data, &redactor) {
         // Whatever was accepted encodes into a well-formed frame whose data is JSON.
         let frame = protocol::encode_event_frame(1, &p.event, 0);
         assert!(frame.len() > p.event.data.len());
@@ -16,14 +15,9 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn serde_json_check(data: &[u8]) -> bool {
-    let mut copy = data.to_vec();
-    simd_json_ok(&mut copy)
-}
-
-fn simd_json_ok(data: &mut [u8]) -> bool {
-    // Re-parse the serialised data with the same parser the broker uses.
+    // Re-parse the event's data with the same parser the broker uses.
     let mut wrapped = b"{\"user\":\"u\",\"event\":\"e\",\"data\":".to_vec();
     wrapped.extend_from_slice(data);
     wrapped.push(b'}');
-    protocol::parse_publish(&mut wrapped, &Redactor::default()).is_ok()
+    protocol::parse_publish(&wrapped, &Redactor::default()).is_ok()
 }

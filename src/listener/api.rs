@@ -277,8 +277,7 @@ async fn broadcast(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
         Ok(b) => b,
         Err(r) => return r,
     };
-    let mut buf = body.to_vec();
-    let parsed = match protocol::parse_broadcast(&mut buf, &shared.redactor) {
+    let parsed = match protocol::parse_broadcast(&body, &shared.redactor) {
         Ok(p) => p,
         Err(e) => return error(400, e.code, &e.message),
     };

@@ -29,6 +29,17 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A free port whose Redis Cluster bus port (port + 10000) is free and valid too.
+pub fn free_cluster_port() -> u16 {
+    for _ in 0..1000 {
+        let port = free_port();
+        if port <= 55535 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port pair for a Redis Cluster node");
+}
+
 impl Redis {
     /// Starts a Redis with AOF (`appendfsync always`) in a fresh directory.
     pub async fn start() -> Redis {

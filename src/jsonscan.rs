@@ -1,0 +1,494 @@
+//! A one-pass validating JSON scanner for publish objects: it checks the
+//! whole input against RFC 8259 (with `serde_json`'s limits: nesting at most
+//! 127 deep, numbers that fit an `f64`, no lone surrogates, UTF-8 strings)
+//! and returns the top-level object's members — strings decoded, every
+//! value's byte span in the input — without building a document tree.
+//!
+//! The publish path uses it to read `user`/`users`/`event`/`priority`/`id`
+//! and to copy `data` verbatim by its span, so an event's data is never
+//! parsed into a tree and written back out. A differential fuzz target and a
+//! property test hold it to `serde_json`: both accept and reject the same
+//! inputs and yield the same values.
+//!
+//! It touches nothing but the bytes it is given.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+/// `serde_json`'s recursion limit: the 128th nested container is refused.
+const MAX_DEPTH: usize = 127;
+
+/// Why an input is not JSON (or not an object at the top).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanError {
+    pub at: usize,
+    pub what: &'static str,
+}
+
+impl std::fmt::Display for ScanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} at byte {}", self.what, self.at)
+    }
+}
+
+/// One value of the top-level object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value<'a> {
+    String(Cow<'a, str>),
+    /// An array whose elements are all strings (decoded), in order.
+    Strings(Vec<Cow<'a, str>>),
+    /// Anything else: an object, a mixed array, a number, a literal.
+    Other,
+}
+
+/// A member of the top-level object: its value and the value's byte span.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member<'a> {
+    pub key: Cow<'a, str>,
+    pub value: Value<'a>,
+    pub span: Range<usize>,
+}
+
+/// The top-level object's members; a repeated key keeps its last value (as
+/// `serde_json::Value` does).
+#[derive(Debug, Default)]
+pub struct Object<'a> {
+    members: Vec<Member<'a>>,
+}
+
+impl<'a> Object<'a> {
+    pub fn get(&self, key: &str) -> Option<&Member<'a>> {
+        self.members.iter().rev().find(|m| m.key == key)
+    }
+}
+
+/// What the top level of a valid input is.
+pub enum Top<'a> {
+    Object(Object<'a>),
+    NotAnObject,
+}
+
+/// Validates `input` as one JSON text and returns its top-level object's members.
+pub fn scan(input: &[u8]) -> Result<Top<'_>, ScanError> {
+    let mut s = Scanner { b: input, i: 0, depth: 0 };
+    s.ws();
+    let top = if s.peek() == Some(b'{') {
+        Top::Object(s.top_object()?)
+    } else {
+        s.value()?;
+        Top::NotAnObject
+    };
+    s.ws();
+    if s.i != input.len() {
+        return Err(s.err("trailing characters"));
+    }
+    Ok(top)
+}
+
+struct Scanner<'a> {
+    b: &'a [u8],
+    i: usize,
+    depth: usize,
+}
+
+impl<'a> Scanner<'a> {
+    fn err(&self, what: &'static str) -> ScanError {
+        ScanError { at: self.i, what }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    fn expect(&mut self, c: u8, what: &'static str) -> Result<(), ScanError> {
+        if self.peek() == Some(c) {
+            self.i += 1;
+            Ok(())
+        } else {
+            Err(self.err(what))
+        }
+    }
+
+    fn enter(&mut self) -> Result<(), ScanError> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(self.err("nesting too deep"));
+        }
+        Ok(())
+    }
+
+    /// The top-level object, keeping its members.
+    fn top_object(&mut self) -> Result<Object<'a>, ScanError> {
+        self.enter()?;
+        self.i += 1; // '{'
+        let mut obj = Object::default();
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            self.depth -= 1;
+            return Ok(obj);
+        }
+        loop {
+            self.ws();
+            if self.peek() != Some(b'"') {
+                return Err(self.err("expected a key"));
+            }
+            let key = self.string()?;
+            self.ws();
+            self.expect(b':', "expected ':'")?;
+            self.ws();
+            let start = self.i;
+            let value = self.top_value()?;
+            obj.members.push(Member { key, value, span: start..self.i });
+            self.ws();
+            match self.peek() {
+                Some(b',') => self.i += 1,
+                Some(b'}') => {
+                    self.i += 1;
+                    self.depth -= 1;
+                    return Ok(obj);
+                }
+                _ => return Err(self.err("expected ',' or '}'")),
+            }
+        }
+    }
+
+    /// A member's value: strings and arrays of strings are decoded.
+    fn top_value(&mut self) -> Result<Value<'a>, ScanError> {
+        match self.peek() {
+            Some(b'"') => Ok(Value::String(self.string()?)),
+            Some(b'[') => self.top_array(),
+            _ => {
+                self.value()?;
+                Ok(Value::Other)
+            }
+        }
+    }
+
+    /// An array directly under the top object: its strings, if all are.
+    fn top_array(&mut self) -> Result<Value<'a>, ScanError> {
+        self.enter()?;
+        self.i += 1; // '['
+        let mut strings = Some(Vec::new());
+        self.ws();
+        if self.peek() == Some(b']') {
+            self.i += 1;
+            self.depth -= 1;
+            return Ok(Value::Strings(Vec::new()));
+        }
+        loop {
+            self.ws();
+            if self.peek() == Some(b'"') {
+                let s = self.string()?;
+                if let Some(list) = strings.as_mut() {
+                    list.push(s);
+                }
+            } else {
+                self.value()?;
+                strings = None;
+            }
+            self.ws();
+            match self.peek() {
+                Some(b',') => self.i += 1,
+                Some(b']') => {
+                    self.i += 1;
+                    self.depth -= 1;
+                    return Ok(strings.map_or(Value::Other, Value::Strings));
+                }
+                _ => return Err(self.err("expected ',' or ']'")),
+            }
+        }
+    }
+
+    /// Any value, validated and skipped.
+    fn value(&mut self) -> Result<(), ScanError> {
+        match self.peek() {
+            Some(b'{') => self.object(),
+            Some(b'[') => self.array(),
+            Some(b'"') => self.string().map(drop),
+            Some(b't') => self.literal(b"true"),
+            Some(b'f') => self.literal(b"false"),
+            Some(b'n') => self.literal(b"null"),
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            Some(_) => Err(self.err("expected a value")),
+            None => Err(self.err("unexpected end of input")),
+        }
+    }
+
+    fn object(&mut self) -> Result<(), ScanError> {
+        self.enter()?;
+        self.i += 1;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            self.depth -= 1;
+            return Ok(());
+        }
+        loop {
+            self.ws();
+            if self.peek() != Some(b'"') {
+                return Err(self.err("expected a key"));
+            }
+            self.string()?;
+            self.ws();
+            self.expect(b':', "expected ':'")?;
+            self.ws();
+            self.value()?;
+            self.ws();
+            match self.peek() {
+                Some(b',') => self.i += 1,
+                Some(b'}') => {
+                    self.i += 1;
+                    self.depth -= 1;
+                    return Ok(());
+                }
+                _ => return Err(self.err("expected ',' or '}'")),
+            }
+        }
+    }
+
+    fn array(&mut self) -> Result<(), ScanError> {
+        self.enter()?;
+        self.i += 1;
+        self.ws();
+        if self.peek() == Some(b']') {
+            self.i += 1;
+            self.depth -= 1;
+            return Ok(());
+        }
+        loop {
+            self.ws();
+            self.value()?;
+            self.ws();
+            match self.peek() {
+                Some(b',') => self.i += 1,
+                Some(b']') => {
+                    self.i += 1;
+                    self.depth -= 1;
+                    return Ok(());
+                }
+                _ => return Err(self.err("expected ',' or ']'")),
+            }
+        }
+    }
+
+    fn literal(&mut self, word: &'static [u8]) -> Result<(), ScanError> {
+        if self.b[self.i..].starts_with(word) {
+            self.i += word.len();
+            Ok(())
+        } else {
+            Err(self.err("invalid literal"))
+        }
+    }
+
+    /// A number; refused when it does not fit an `f64` (as `serde_json` does).
+    fn number(&mut self) -> Result<(), ScanError> {
+        let start = self.i;
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        match self.peek() {
+            Some(b'0') => self.i += 1,
+            Some(b'1'..=b'9') => self.digits(),
+            _ => return Err(self.err("invalid number")),
+        }
+        let mut float = false;
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return Err(self.err("invalid number"));
+            }
+            self.digits();
+            float = true;
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.i += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.i += 1;
+            }
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return Err(self.err("invalid number"));
+            }
+            self.digits();
+            float = true;
+        }
+        let text = std::str::from_utf8(&self.b[start..self.i]).map_err(|_| self.err("invalid number"))?;
+        let fits_integer = !float && (text.parse::<u64>().is_ok() || text.parse::<i64>().is_ok());
+        if !fits_integer && !text.parse::<f64>().is_ok_and(f64::is_finite) {
+            return Err(ScanError { at: start, what: "number out of range" });
+        }
+        Ok(())
+    }
+
+    fn digits(&mut self) {
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    /// A string; borrowed when it holds no escape, else decoded.
+    fn string(&mut self) -> Result<Cow<'a, str>, ScanError> {
+        self.i += 1; // opening quote
+        let start = self.i;
+        loop {
+            match self.peek() {
+                Some(b'"') => {
+                    let raw = &self.b[start..self.i];
+                    self.i += 1;
+                    return std::str::from_utf8(raw)
+                        .map(Cow::Borrowed)
+                        .map_err(|_| self.err("invalid UTF-8"));
+                }
+                Some(b'\\') => break,
+                Some(0..=0x1f) => return Err(self.err("control character in a string")),
+                Some(_) => self.i += 1,
+                None => return Err(self.err("unterminated string")),
+            }
+        }
+        // Escapes: decode from here on.
+        let mut out: Vec<u8> = self.b[start..self.i].to_vec();
+        loop {
+            match self.peek() {
+                Some(b'"') => {
+                    self.i += 1;
+                    return String::from_utf8(out).map(Cow::Owned).map_err(|_| self.err("invalid UTF-8"));
+                }
+                Some(b'\\') => {
+                    self.i += 1;
+                    let c = self.peek().ok_or_else(|| self.err("unterminated escape"))?;
+                    self.i += 1;
+                    match c {
+                        b'"' => out.push(b'"'),
+                        b'\\' => out.push(b'\\'),
+                        b'/' => out.push(b'/'),
+                        b'b' => out.push(0x08),
+                        b'f' => out.push(0x0c),
+                        b'n' => out.push(b'\n'),
+                        b'r' => out.push(b'\r'),
+                        b't' => out.push(b'\t'),
+                        b'u' => {
+                            let ch = self.unicode_escape()?;
+                            let mut buf = [0u8; 4];
+                            out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+                        }
+                        _ => return Err(self.err("invalid escape")),
+                    }
+                }
+                Some(0..=0x1f) => return Err(self.err("control character in a string")),
+                Some(b) => {
+                    out.push(b);
+                    self.i += 1;
+                }
+                None => return Err(self.err("unterminated string")),
+            }
+        }
+    }
+
+    fn hex4(&mut self) -> Result<u16, ScanError> {
+        let digits = self.b.get(self.i..self.i + 4).ok_or_else(|| self.err("unterminated escape"))?;
+        let mut n: u16 = 0;
+        for &d in digits {
+            let v = match d {
+                b'0'..=b'9' => d - b'0',
+                b'a'..=b'f' => d - b'a' + 10,
+                b'A'..=b'F' => d - b'A' + 10,
+                _ => return Err(self.err("invalid \\u escape")),
+            };
+            n = n * 16 + u16::from(v);
+        }
+        self.i += 4;
+        Ok(n)
+    }
+
+    /// After `\u`: one code point, joining a surrogate pair; a lone
+    /// surrogate is refused (as `serde_json` does).
+    fn unicode_escape(&mut self) -> Result<char, ScanError> {
+        let first = self.hex4()?;
+        let code = match first {
+            0xD800..=0xDBFF => {
+                if !self.b[self.i..].starts_with(b"\\u") {
+                    return Err(self.err("lone leading surrogate"));
+                }
+                self.i += 2;
+                let second = self.hex4()?;
+                if !(0xDC00..=0xDFFF).contains(&second) {
+                    return Err(self.err("lone leading surrogate"));
+                }
+                0x10000 + ((u32::from(first) - 0xD800) << 10) + (u32::from(second) - 0xDC00)
+            }
+            0xDC00..=0xDFFF => return Err(self.err("lone trailing surrogate")),
+            c => u32::from(c),
+        };
+        char::from_u32(code).ok_or_else(|| self.err("invalid code point"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(raw: &str) -> Object<'_> {
+        match scan(raw.as_bytes()) {
+            Ok(Top::Object(o)) => o,
+            Ok(Top::NotAnObject) => panic!("not an object: {raw}"),
+            Err(e) => panic!("{raw}: {e}"),
+        }
+    }
+
+    #[test]
+    fn members_come_back_decoded_with_their_spans() {
+        let raw = r#" {"user":"a\u00e9","users":["x","y"],"data":{"k":[1,2.5e3,-0]},"n":null,"user":"b"} "#;
+        let o = object(raw);
+        assert_eq!(o.get("user").unwrap().value, Value::String("b".into()), "the last duplicate wins");
+        assert_eq!(o.get("users").unwrap().value, Value::Strings(vec!["x".into(), "y".into()]));
+        let data = o.get("data").unwrap();
+        assert_eq!(&raw[data.span.clone()], r#"{"k":[1,2.5e3,-0]}"#);
+        assert_eq!(o.get("n").unwrap().value, Value::Other);
+        assert_eq!(object(r#"{"a":"\ud83d\ude00"}"#).get("a").unwrap().value, Value::String("😀".into()));
+    }
+
+    #[test]
+    fn refuses_what_serde_json_refuses() {
+        let deep_ok = format!("{}{}", "[".repeat(127), "]".repeat(127));
+        let deep_bad = format!("{}{}", "[".repeat(128), "]".repeat(128));
+        assert!(serde_json::from_str::<serde_json::Value>(&deep_ok).is_ok());
+        assert!(serde_json::from_str::<serde_json::Value>(&deep_bad).is_err());
+        assert!(scan(deep_ok.as_bytes()).is_ok());
+        assert!(scan(deep_bad.as_bytes()).is_err());
+        for bad in [
+            "",
+            "{",
+            "{\"a\":}",
+            "{\"a\":1,}",
+            "[1,]",
+            "01",
+            "1.",
+            "-",
+            "1e",
+            "\"\\ud800\"",
+            "\"\\udc00x\"",
+            "\"a\u{1}\"",
+            "{} x",
+            "tru",
+            "1e400",
+            "-1e400",
+            "\"\\x\"",
+            "{\"a\" 1}",
+            "nul",
+        ] {
+            assert!(serde_json::from_str::<serde_json::Value>(bad).is_err(), "serde accepts {bad:?}");
+            assert!(scan(bad.as_bytes()).is_err(), "scan accepts {bad:?}");
+        }
+        for good in ["1e-400", "18446744073709551616", "-9223372036854775809", "0", "-0.0e+0", "[]", "{}"] {
+            assert!(serde_json::from_str::<serde_json::Value>(good).is_ok(), "serde refuses {good:?}");
+            assert!(scan(good.as_bytes()).is_ok(), "scan refuses {good:?}");
+        }
+        assert!(scan(b"\"\xff\"").is_err(), "invalid UTF-8 in a string");
+    }
+}
