@@ -85,6 +85,22 @@ pub fn scan(input: &[u8]) -> Result<Top<'_>, ScanError> {
     Ok(top)
 }
 
+/// Rewrites one valid JSON value (`text`, as [`scan`] validated it) without
+/// the object members, at any depth, whose (decoded) key `drop` selects;
+/// whitespace is dropped, everything else is copied as written (numbers and
+/// string escapes unchanged). Used for `--redact-keys`.
+pub fn without_keys(text: &[u8], drop: &dyn Fn(&str) -> bool) -> Result<Vec<u8>, ScanError> {
+    let mut s = Scanner { b: text, i: 0, depth: 0 };
+    let mut out = Vec::with_capacity(text.len());
+    s.ws();
+    s.copy_value(&mut out, drop)?;
+    s.ws();
+    if s.i != text.len() {
+        return Err(s.err("trailing characters"));
+    }
+    Ok(out)
+}
+
 struct Scanner<'a> {
     b: &'a [u8],
     i: usize,
@@ -202,6 +218,95 @@ impl<'a> Scanner<'a> {
                     return Ok(strings.map_or(Value::Other, Value::Strings));
                 }
                 _ => return Err(self.err("expected ',' or ']'")),
+            }
+        }
+    }
+
+    /// Any value, validated and copied to `out` (see [`without_keys`]).
+    fn copy_value(&mut self, out: &mut Vec<u8>, drop: &dyn Fn(&str) -> bool) -> Result<(), ScanError> {
+        match self.peek() {
+            Some(b'{') => {
+                self.enter()?;
+                self.i += 1;
+                out.push(b'{');
+                let mut first = true;
+                self.ws();
+                if self.peek() == Some(b'}') {
+                    self.i += 1;
+                    self.depth -= 1;
+                    out.push(b'}');
+                    return Ok(());
+                }
+                loop {
+                    self.ws();
+                    if self.peek() != Some(b'"') {
+                        return Err(self.err("expected a key"));
+                    }
+                    let start = self.i;
+                    let key = self.string()?;
+                    let key_text = &self.b[start..self.i];
+                    self.ws();
+                    self.expect(b':', "expected ':'")?;
+                    self.ws();
+                    if drop(&key) {
+                        self.value()?;
+                    } else {
+                        if !first {
+                            out.push(b',');
+                        }
+                        first = false;
+                        out.extend_from_slice(key_text);
+                        out.push(b':');
+                        self.copy_value(out, drop)?;
+                    }
+                    self.ws();
+                    match self.peek() {
+                        Some(b',') => self.i += 1,
+                        Some(b'}') => {
+                            self.i += 1;
+                            self.depth -= 1;
+                            out.push(b'}');
+                            return Ok(());
+                        }
+                        _ => return Err(self.err("expected ',' or '}'")),
+                    }
+                }
+            }
+            Some(b'[') => {
+                self.enter()?;
+                self.i += 1;
+                out.push(b'[');
+                self.ws();
+                if self.peek() == Some(b']') {
+                    self.i += 1;
+                    self.depth -= 1;
+                    out.push(b']');
+                    return Ok(());
+                }
+                loop {
+                    self.ws();
+                    self.copy_value(out, drop)?;
+                    self.ws();
+                    match self.peek() {
+                        Some(b',') => {
+                            self.i += 1;
+                            out.push(b',');
+                        }
+                        Some(b']') => {
+                            self.i += 1;
+                            self.depth -= 1;
+                            out.push(b']');
+                            return Ok(());
+                        }
+                        _ => return Err(self.err("expected ',' or ']'")),
+                    }
+                }
+            }
+            _ => {
+                let start = self.i;
+                self.value()?;
+                out.extend_from_slice(&self.b[start..self.i]);
+                Ok(())
             }
         }
     }
@@ -451,6 +556,15 @@ mod tests {
         assert_eq!(&raw[data.span.clone()], r#"{"k":[1,2.5e3,-0]}"#);
         assert_eq!(o.get("n").unwrap().value, Value::Other);
         assert_eq!(object(r#"{"a":"\ud83d\ude00"}"#).get("a").unwrap().value, Value::String("😀".into()));
+    }
+
+    #[test]
+    fn without_keys_drops_members_at_any_depth_and_keeps_the_rest_as_written() {
+        let text = br#" { "a" : 1.50 , "Secret":{"x":1}, "b":[{"secret":2,"c":"\u00e9"}, 1e5 ], "s\u0065cret": 3 } "#;
+        let out = without_keys(text, &|k| k.eq_ignore_ascii_case("secret")).unwrap();
+        assert_eq!(std::str::from_utf8(&out).unwrap(), r#"{"a":1.50,"b":[{"c":"\u00e9"},1e5]}"#);
+        assert_eq!(without_keys(b"[]", &|_| true).unwrap(), b"[]");
+        assert_eq!(without_keys(br#"{"k":1}"#, &|_| true).unwrap(), b"{}");
     }
 
     #[test]

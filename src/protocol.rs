@@ -13,8 +13,6 @@ use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use simd_json::prelude::*;
-use simd_json::BorrowedValue;
 use thiserror::Error;
 
 use crate::jsonscan;
@@ -271,32 +269,11 @@ fn event_of(
     Ok(Arc::new(PreparedEvent { name: name.as_ref().into(), data, priority }))
 }
 
-/// `data` parsed, stripped of the redacted keys and written back compactly.
+/// `data` without the `--redact-keys` members, at any depth (rewritten
+/// compactly by the scanner; numbers and escapes as the publisher wrote them).
 fn redacted(text: &[u8], redactor: &Redactor) -> Result<Bytes, InvalidInput> {
-    let mut buf = text.to_vec();
-    let mut value = parse_json(&mut buf)?;
-    redactor.redact(&mut value);
-    let mut out = Vec::with_capacity(text.len());
-    value
-        .write(&mut out)
-        .map_err(|e| InvalidInput::new("invalid_json", format!("cannot encode data: {e}")))?;
-    Ok(Bytes::from(out))
-}
-
-thread_local! {
-    /// simd-json's scratch buffers, reused across parses on this thread
-    /// instead of allocated per publish object.
-    static PARSE_BUFFERS: std::cell::RefCell<simd_json::Buffers> =
-        std::cell::RefCell::new(simd_json::Buffers::default());
-}
-
-fn parse_json(raw: &mut [u8]) -> Result<BorrowedValue<'_>, InvalidInput> {
-    PARSE_BUFFERS
-        .with(|b| match b.try_borrow_mut() {
-            Ok(mut buffers) => simd_json::to_borrowed_value_with_buffers(raw, &mut buffers),
-            // Re-entrant use on this thread (cannot happen today): fresh buffers.
-            Err(_) => simd_json::to_borrowed_value(raw),
-        })
+    jsonscan::without_keys(text, &|k| redactor.is_redacted(k))
+        .map(Bytes::from)
         .map_err(|e| InvalidInput::new("invalid_json", format!("invalid JSON: {e}")))
 }
 

@@ -6,9 +6,6 @@
 //! Matching is exact and case-insensitive on the key. Stateless after
 //! construction; shared read-only by every publisher task.
 
-use simd_json::prelude::*;
-use simd_json::BorrowedValue;
-
 /// The set of keys to strip from event data.
 #[derive(Debug, Clone, Default)]
 pub struct Redactor {
@@ -42,36 +39,9 @@ impl Redactor {
                 .any(|k| data.windows(k.len().max(1)).any(|w| w.eq_ignore_ascii_case(k.as_bytes())))
     }
 
-    fn matches(&self, key: &str) -> bool {
+    /// Whether `key` is one of the configured keys (ASCII case ignored).
+    pub fn is_redacted(&self, key: &str) -> bool {
         self.keys.iter().any(|k| k.eq_ignore_ascii_case(key))
-    }
-
-    /// Removes every configured key from `value`, recursing into objects and arrays.
-    pub fn redact(&self, value: &mut BorrowedValue<'_>) {
-        if self.is_empty() {
-            return;
-        }
-        self.redact_inner(value, 0);
-    }
-
-    fn redact_inner(&self, value: &mut BorrowedValue<'_>, depth: usize) {
-        // simd-json already bounds nesting depth while parsing; this is a second guard.
-        if depth > simd_json::DEFAULT_MAX_DEPTH {
-            return;
-        }
-        if let Some(obj) = value.as_object_mut() {
-            let doomed: Vec<_> = obj.keys().filter(|k| self.matches(k)).cloned().collect();
-            for k in doomed {
-                obj.remove(&k);
-            }
-            for v in obj.values_mut() {
-                self.redact_inner(v, depth + 1);
-            }
-        } else if let Some(arr) = value.as_array_mut() {
-            for v in arr.iter_mut() {
-                self.redact_inner(v, depth + 1);
-            }
-        }
     }
 }
 
@@ -80,14 +50,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn removes_keys_at_any_depth() {
+    fn removes_keys_at_any_depth_through_the_publish_path() {
         let r = Redactor::new(vec!["api_key".into(), "Authorization".into()]);
-        let mut raw =
-            br#"{"api_key":"s1","a":{"AUTHORIZATION":"s2","b":[{"api_key":"s3","keep":1}]}}"#.to_vec();
-        let mut v = simd_json::to_borrowed_value(&mut raw).unwrap();
-        r.redact(&mut v);
-        let out = v.encode();
+        let raw = br#"{"user":"u","event":"e","data":{"api_key":"s1","a":{"AUTHORIZATION":"s2","b":[{"api_key":"s3","keep":1}]}}}"#;
+        let p = crate::protocol::parse_publish(raw, &r).unwrap();
+        let out = std::str::from_utf8(&p.event.data).unwrap();
         assert!(!out.contains("s1") && !out.contains("s2") && !out.contains("s3"), "{out}");
-        assert!(out.contains("\"keep\":1"));
+        assert_eq!(out, r#"{"a":{"b":[{"keep":1}]}}"#);
+    }
+
+    #[test]
+    fn data_that_cannot_hold_a_key_is_copied_verbatim() {
+        let r = Redactor::new(vec!["api_key".into()]);
+        assert!(!r.may_match(br#"{"x": [1, 2]}"#));
+        assert!(r.may_match(br#"{"API_KEY":1}"#), "case is ignored");
+        assert!(r.may_match(br#"{"\u0061pi_key":1}"#), "an escape could spell it");
+        assert!(!Redactor::default().may_match(br#"{"api_key":1}"#));
     }
 }
