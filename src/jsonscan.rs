@@ -441,6 +441,7 @@ impl<'a> Scanner<'a> {
     fn string(&mut self) -> Result<Cow<'a, str>, ScanError> {
         self.i += 1; // opening quote
         let start = self.i;
+        self.skip_plain();
         loop {
             match self.peek() {
                 Some(b'"') => {
@@ -492,6 +493,28 @@ impl<'a> Scanner<'a> {
                 }
                 None => return Err(self.err("unterminated string")),
             }
+        }
+    }
+
+    /// Skips string bytes eight at a time while none of them is a quote, a
+    /// backslash or a control character (the byte loop handles the rest).
+    fn skip_plain(&mut self) {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        // A byte of `x` is zero (or, with `n`, below `n` <= 128): the classic
+        // SWAR tests; a false positive only hands the bytes to the byte loop.
+        let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+        while let Some(chunk) = self.b.get(self.i..self.i + 8) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            let w = u64::from_le_bytes(word);
+            let special = zero(w ^ (ONES * u64::from(b'"')))
+                | zero(w ^ (ONES * u64::from(b'\\')))
+                | (w.wrapping_sub(ONES * 0x20) & !w & HIGH);
+            if special != 0 {
+                return;
+            }
+            self.i += 8;
         }
     }
 

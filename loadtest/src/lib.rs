@@ -6,5 +6,6 @@
 
 pub mod ceiling;
 pub mod check;
+pub mod nats;
 pub mod sse;
 pub mod trace;

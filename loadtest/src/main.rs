@@ -131,6 +131,21 @@ struct Common {
     /// resuming through `Last-Event-ID`), or a mix (every other connection).
     #[arg(long, value_enum, default_value = "ws")]
     transport: Transport,
+    /// What is under load: switchyard, or nats-server measured the same way
+    /// (`--target ws://` its WebSocket listener, `--api nats://HOST:PORT` its
+    /// client port; fire-and-forget publishers; no churn).
+    #[arg(long, value_enum, default_value = "switchyard")]
+    peer: Peer,
+    /// switchyard: publisher streams without acks (fire-and-forget, as NATS
+    /// publishers are); events count as sent once written.
+    #[arg(long)]
+    no_acks: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Peer {
+    Switchyard,
+    Nats,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -155,6 +170,7 @@ impl Transport {
 enum Conn {
     Ws(Box<Ws>),
     Sse(SseConn),
+    Nats(Box<switchyard_load::nats::NatsConn>),
 }
 
 impl Conn {
@@ -170,6 +186,7 @@ impl Conn {
                 }
             },
             Conn::Sse(s) => s.next().await.map(|m| m.data),
+            Conn::Nats(n) => n.next().await,
         }
     }
 
@@ -179,6 +196,7 @@ impl Conn {
                 let _ = SinkExt::close(ws).await;
             }
             Conn::Sse(s) => s.close().await,
+            Conn::Nats(n) => n.close().await,
         }
     }
 }
@@ -337,6 +355,9 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
         bail!("--target and --api need at least one address each");
     }
     let api = apis[0].clone();
+    if common.peer == Peer::Nats && (common.churn > 0.0 || common.transport != Transport::Ws) {
+        bail!("--peer nats has no resume and no SSE: use --churn 0 and --transport ws");
+    }
     let (latency_tx, latency_rx) = flume::unbounded::<Vec<u64>>();
     let run = Arc::new(Run {
         sent: (0..common.users).map(|_| AtomicU64::new(0)).collect(),
@@ -397,10 +418,17 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
         )));
         pub_txs.push(tx);
     }
-    for p in (0..common.publishers).filter(|_| !broadcasting) {
+    for p in (0..common.publishers).filter(|_| !broadcasting && common.peer == Peer::Nats) {
+        let (tx, rx) = flume::bounded::<Outgoing>(8192);
+        let addr = apis[p % apis.len()].trim_start_matches("nats://").to_string();
+        let publisher = switchyard_load::nats::NatsPublisher::connect(&addr).await?;
+        pub_tasks.push(tokio::spawn(nats_publisher_task(run.clone(), publisher, rx)));
+        pub_txs.push(tx);
+    }
+    for p in (0..common.publishers).filter(|_| !broadcasting && common.peer == Peer::Switchyard) {
         let (tx, rx) = flume::bounded::<Outgoing>(8192);
         let api = apis[p % apis.len()].clone();
-        let ws = connect_stream(&api, common.api_key.as_deref())
+        let ws = connect_stream(&api, common.api_key.as_deref(), !common.no_acks)
             .await
             .with_context(|| format!("publisher {p}"))?;
         pub_tasks.push(tokio::spawn(publisher_task(run.clone(), api, ws, rx)));
@@ -504,7 +532,7 @@ impl Window {
 /// histogram then (when asked for it), and samples CPU.
 async fn measure_window(api: String, common: Common, at: Instant) -> anyhow::Result<Window> {
     tokio::time::sleep_until(at.into()).await;
-    if common.broker_hgrm.is_some() {
+    if common.broker_hgrm.is_some() && common.peer == Peer::Switchyard {
         http_get_text(&api, "/debug/histograms?reset=1", common.api_key.as_deref()).await?;
     }
     Ok(Window {
@@ -517,7 +545,9 @@ async fn measure_window(api: String, common: Common, at: Instant) -> anyhow::Res
 /// The broker's latency histogram over the window, written to `--broker-hgrm`;
 /// returns its percentiles line for the report.
 async fn broker_histogram(api: &str, common: &Common) -> anyhow::Result<Option<String>> {
-    let Some(path) = &common.broker_hgrm else { return Ok(None) };
+    let Some(path) = common.broker_hgrm.as_ref().filter(|_| common.peer == Peer::Switchyard) else {
+        return Ok(None);
+    };
     let text = http_get_text(api, "/debug/histograms", common.api_key.as_deref()).await?;
     std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
     Ok(Some(path.display().to_string()))
@@ -721,7 +751,7 @@ async fn publisher_task(
     loop {
         let ws = match next_ws.take() {
             Some(ws) => ws,
-            None => reconnect_stream(&api, run.common.api_key.as_deref()).await?,
+            None => reconnect_stream(&api, run.common.api_key.as_deref(), !run.common.no_acks).await?,
         };
         let (mut sink, mut stream) = ws.split();
         let failure = 'stream: {
@@ -741,6 +771,17 @@ async fn publisher_task(
                     o = rx.recv_async(), if !input_done => match o {
                         Ok(first) => {
                             let (frame, users) = next_frame(first, &rx);
+                            if run.common.no_acks {
+                                // Fire-and-forget: written is sent (the broker
+                                // reports a refused item with an error frame).
+                                if let Err(e) = sink.send(Message::text(frame)).await {
+                                    return Err(anyhow!("publisher send: {e}"));
+                                }
+                                for u in &users {
+                                    run.sent[*u].fetch_add(1, Ordering::Relaxed);
+                                }
+                                continue;
+                            }
                             if let Err(e) = sink.send(Message::text(frame.clone())).await {
                                 pending.push_back(Unacked { frame, users, sent_at: Instant::now() });
                                 break 'stream anyhow!("publisher send: {e}");
@@ -778,6 +819,39 @@ async fn publisher_task(
     }
 }
 
+/// One nats-server publisher: writes each batch of queued events (up to
+/// 1,000) as `PUB`s in one write, fire-and-forget; at the end, a PING/PONG
+/// makes sure the server has read everything. Payloads are event frames
+/// with a per-user seq (see `switchyard_load::nats`).
+async fn nats_publisher_task(
+    run: Arc<Run>,
+    mut publisher: switchyard_load::nats::NatsPublisher,
+    rx: flume::Receiver<Outgoing>,
+) -> anyhow::Result<()> {
+    let mut seqs: std::collections::HashMap<usize, u64> = std::collections::HashMap::new();
+    while let Ok(first) = rx.recv_async().await {
+        let mut batch = vec![first];
+        while batch.len() < 1000 {
+            match rx.try_recv() {
+                Ok(o) => batch.push(o),
+                Err(_) => break,
+            }
+        }
+        for o in &batch {
+            let seq = seqs.entry(o.user).or_insert(0);
+            *seq += 1;
+            // The publish object's fields plus type and seq: an event frame.
+            let payload = format!("{{\"type\":\"event\",\"seq\":{seq},{}", &o.line[1..]);
+            publisher.queue(&user_name(o.user), payload.as_bytes());
+        }
+        publisher.flush().await?;
+        for o in &batch {
+            run.sent[o.user].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    publisher.sync().await
+}
+
 /// Takes `first` and whatever else is queued (up to 1,000 events) as one NDJSON frame.
 fn next_frame(first: Outgoing, rx: &flume::Receiver<Outgoing>) -> (String, Vec<usize>) {
     let mut users = vec![first.user];
@@ -796,10 +870,10 @@ fn next_frame(first: Outgoing, rx: &flume::Receiver<Outgoing>) -> (String, Vec<u
 }
 
 /// Opens a new publisher stream, retrying for up to [`RECONNECT_FOR`].
-async fn reconnect_stream(api: &str, key: Option<&str>) -> anyhow::Result<Ws> {
+async fn reconnect_stream(api: &str, key: Option<&str>, acks: bool) -> anyhow::Result<Ws> {
     let deadline = Instant::now() + RECONNECT_FOR;
     loop {
-        match tokio::time::timeout(Duration::from_secs(5), connect_stream(api, key)).await {
+        match tokio::time::timeout(Duration::from_secs(5), connect_stream(api, key, acks)).await {
             Ok(Ok(ws)) => return Ok(ws),
             Ok(Err(e)) if Instant::now() >= deadline => return Err(e.context("reopening a publisher stream")),
             Err(_) if Instant::now() >= deadline => bail!("reopening a publisher stream timed out"),
@@ -866,9 +940,10 @@ fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 * 1024)
 }
 
-async fn connect_stream(api: &str, key: Option<&str>) -> anyhow::Result<Ws> {
+async fn connect_stream(api: &str, key: Option<&str>, acks: bool) -> anyhow::Result<Ws> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let url = format!("{}/v1/stream?acks=1", api.replacen("http", "ws", 1));
+    let query = if acks { "?acks=1" } else { "" };
+    let url = format!("{}/v1/stream{query}", api.replacen("http", "ws", 1));
     let mut req = url.into_client_request()?;
     if let Some(k) = key {
         req.headers_mut().insert("authorization", format!("Bearer {k}").parse()?);
@@ -916,6 +991,10 @@ async fn connect(
     }
     let stream = socket.connect(addr).await?;
     let _ = stream.set_nodelay(true);
+    if common.peer == Peer::Nats {
+        let conn = switchyard_load::nats::NatsConn::open(stream, target, &name).await?;
+        return Ok((Conn::Nats(Box::new(conn)), json!({"type": "welcome", "seq": 0, "epoch": ""})));
+    }
     let mut conn = if sse {
         Conn::Sse(SseConn::open(stream, &query, last_event_id.as_deref()).await?)
     } else {
@@ -1101,10 +1180,10 @@ async fn progress_task(run: Arc<Run>) {
     }
 }
 
-/// The nodes' total shed count, from their /v1/stats.
+/// The nodes' total shed count, from their /v1/stats (nats-server: none).
 async fn broker_shed(apis: &[String], key: Option<&str>) -> anyhow::Result<u64> {
     let mut total = 0;
-    for api in apis {
+    for api in apis.iter().filter(|a| !a.starts_with("nats://")) {
         let v = http_get_json(api, "/v1/stats", key).await?;
         total += v["events"]["shed"].as_u64().unwrap_or(0);
     }

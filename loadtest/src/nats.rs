@@ -1,0 +1,213 @@
+//! The peer under the same load: nats-server, measured side by side with
+//! switchyard (`switchyard-load run --peer nats`). Clients subscribe to
+//! their user's subject over nats-server's WebSocket listener, as browsers
+//! would; publishers write `PUB` over its TCP listener, fire-and-forget
+//! (NATS core has no per-message acknowledgement), batching whatever is
+//! queued into one write, as the switchyard publishers batch stream frames.
+//!
+//! A message's payload is shaped like a switchyard event frame
+//! (`{"type":"event","seq":…,"data":{"u","n","t"}}`) with a per-user seq the
+//! scheduler assigns, so the same checker proves no loss, duplicate,
+//! reorder or misroute.
+
+use anyhow::{anyhow, bail, Context};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The subject a user's events are published on.
+pub fn subject(user: &str) -> String {
+    format!("u.{user}")
+}
+
+/// A subscriber over nats-server's WebSocket listener.
+pub struct NatsConn {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Protocol bytes received and not yet parsed (a message may span frames).
+    buf: Vec<u8>,
+    /// Parsed payloads not yet handed out.
+    ready: std::collections::VecDeque<String>,
+}
+
+impl NatsConn {
+    /// Connects to `ws://host:port`, subscribes to `user`'s subject and
+    /// waits for the server to confirm (PING → PONG), so nothing published
+    /// after this returns is missed.
+    pub async fn open(stream: TcpStream, url: &str, user: &str) -> anyhow::Result<NatsConn> {
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await?;
+        let mut c = NatsConn { ws, buf: Vec::new(), ready: Default::default() };
+        let hello = format!(
+            "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1}}\r\nSUB {} 1\r\nPING\r\n",
+            subject(user)
+        );
+        c.ws.send(Message::binary(hello.into_bytes())).await?;
+        loop {
+            match c.read_more().await? {
+                Some(Line::Pong) => return Ok(c),
+                Some(_) => continue,
+                None => bail!("nats-server closed before confirming the subscription"),
+            }
+        }
+    }
+
+    /// The next message payload; `None` when the connection ended.
+    pub async fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(p) = self.ready.pop_front() {
+                return Some(p);
+            }
+            match self.read_more().await {
+                Ok(Some(_)) => continue,
+                _ => return None,
+            }
+        }
+    }
+
+    pub async fn close(&mut self) {
+        let _ = self.ws.close(None).await;
+    }
+
+    /// Reads one frame and parses what it completes; answers server PINGs.
+    async fn read_more(&mut self) -> anyhow::Result<Option<Line>> {
+        let data = match self.ws.next().await {
+            Some(Ok(Message::Binary(b))) => b.to_vec(),
+            Some(Ok(Message::Text(t))) => t.as_bytes().to_vec(),
+            Some(Ok(_)) => return Ok(Some(Line::Other)),
+            Some(Err(e)) => return Err(e.into()),
+            None => return Ok(None),
+        };
+        self.buf.extend_from_slice(&data);
+        let mut last = Line::Other;
+        while let Some((line, used)) = parse(&self.buf)? {
+            self.buf.drain(..used);
+            match line {
+                Parsed::Msg(p) => self.ready.push_back(p),
+                Parsed::Ping => {
+                    self.ws.send(Message::binary(b"PONG\r\n".to_vec())).await?;
+                }
+                Parsed::Pong => last = Line::Pong,
+                Parsed::Other => {}
+            }
+        }
+        Ok(Some(last))
+    }
+}
+
+enum Line {
+    Pong,
+    Other,
+}
+
+enum Parsed {
+    Msg(String),
+    Ping,
+    Pong,
+    Other,
+}
+
+/// Parses one protocol line (and a message's payload) from the front of
+/// `buf`: the item and the bytes it used, or `None` when incomplete.
+fn parse(buf: &[u8]) -> anyhow::Result<Option<(Parsed, usize)>> {
+    let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
+    let line = std::str::from_utf8(&buf[..eol]).context("non-UTF-8 protocol line")?;
+    let after = eol + 2;
+    let mut words = line.split_ascii_whitespace();
+    match words.next().map(str::to_ascii_uppercase).as_deref() {
+        Some("MSG") => {
+            // MSG <subject> <sid> [reply-to] <#bytes>
+            let len: usize = line
+                .rsplit(' ')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| anyhow!("bad MSG line {line:?}"))?;
+            if buf.len() < after + len + 2 {
+                return Ok(None);
+            }
+            let payload = String::from_utf8(buf[after..after + len].to_vec()).context("non-UTF-8 payload")?;
+            Ok(Some((Parsed::Msg(payload), after + len + 2)))
+        }
+        Some("PING") => Ok(Some((Parsed::Ping, after))),
+        Some("PONG") => Ok(Some((Parsed::Pong, after))),
+        Some("-ERR") => bail!("nats-server: {line}"),
+        _ => Ok(Some((Parsed::Other, after))),
+    }
+}
+
+/// A publisher over nats-server's TCP listener.
+pub struct NatsPublisher {
+    stream: TcpStream,
+    out: Vec<u8>,
+}
+
+impl NatsPublisher {
+    pub async fn connect(addr: &str) -> anyhow::Result<NatsPublisher> {
+        let mut stream =
+            TcpStream::connect(addr).await.with_context(|| format!("connecting to nats {addr}"))?;
+        let _ = stream.set_nodelay(true);
+        stream.write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1}\r\n").await?;
+        Ok(NatsPublisher { stream, out: Vec::with_capacity(64 * 1024) })
+    }
+
+    /// Queues one `PUB` (written by [`flush`](Self::flush)).
+    pub fn queue(&mut self, user: &str, payload: &[u8]) {
+        self.out.extend_from_slice(format!("PUB {} {}\r\n", subject(user), payload.len()).as_bytes());
+        self.out.extend_from_slice(payload);
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    pub async fn flush(&mut self) -> anyhow::Result<()> {
+        self.stream.write_all(&self.out).await?;
+        self.out.clear();
+        Ok(())
+    }
+
+    /// Waits until the server has processed everything written (PING/PONG),
+    /// reading and discarding anything else it sends.
+    pub async fn sync(&mut self) -> anyhow::Result<()> {
+        use tokio::io::AsyncReadExt;
+        self.stream.write_all(b"PING\r\n").await?;
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                bail!("nats-server closed the publisher connection");
+            }
+            seen.extend_from_slice(&chunk[..n]);
+            if seen.windows(6).any(|w| w == b"PONG\r\n") {
+                return Ok(());
+            }
+            if let Some(at) = seen.windows(4).position(|w| w == b"-ERR") {
+                bail!("nats-server: {}", String::from_utf8_lossy(&seen[at..]));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_messages_split_anywhere_and_control_lines() {
+        let wire = b"INFO {}\r\nMSG u.a 1 5\r\nhello\r\nPING\r\nMSG u.a 1 r.x 2\r\nhi\r\n";
+        let mut got = Vec::new();
+        let mut buf = Vec::new();
+        for &b in wire.iter() {
+            buf.push(b);
+            while let Some((p, used)) = parse(&buf).unwrap() {
+                buf.drain(..used);
+                got.push(match p {
+                    Parsed::Msg(m) => m,
+                    Parsed::Ping => "PING".into(),
+                    Parsed::Pong => "PONG".into(),
+                    Parsed::Other => "other".into(),
+                });
+            }
+        }
+        assert_eq!(got, ["other", "hello", "PING", "hi"]);
+        assert!(parse(b"-ERR 'Authorization Violation'\r\n").is_err());
+    }
+}
