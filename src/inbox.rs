@@ -16,16 +16,7 @@ use crate::metrics::{Latency, ShardMetrics};
 use crate::protocol::{PreparedEvent, UserId};
 use crate::ring::{Permit, Ring, RingFull};
 
-/// Result of publishing one event to one user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Delivery {
-    pub seq: u64,
-    /// Live connections the event was queued to.
-    pub delivered: u32,
-    /// The publish's `id` was already accepted: `seq` is the first one's,
-    /// and nothing was published.
-    pub duplicate: bool,
-}
+pub use crate::acks::{Ack, Delivery};
 
 /// One event for one user.
 pub struct PublishCmd {
@@ -37,7 +28,8 @@ pub struct PublishCmd {
     pub ts_ms: u64,
     /// Idempotency key.
     pub id: Option<Arc<str>>,
-    pub reply: Option<oneshot::Sender<Delivery>>,
+    /// Where the result goes (its slot in the request's ack block).
+    pub reply: Option<Ack>,
 }
 
 /// A resume request from `?since=&epoch=`.

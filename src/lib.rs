@@ -35,6 +35,7 @@
 //! shard/            reactor (owned state), persist, history, budget, idempotency
 //! shared            what every thread reads (config, router, shard handles)
 //! inbox, ring       commands a shard takes and its handle; the lock-free ring
+//! acks              one result block per publish request (no channel per event)
 //! connection/       one client socket: queue, writer, readers, transport
 //! engine/           --data-dir: locked directory, segment log, records
 //! routing, metrics, auth, batch
@@ -53,6 +54,7 @@
 //! listeners use, hyper's connection state, and the disk engine's syncer
 //! channel (flume), once per reactor pass, not per event.
 
+pub mod acks;
 pub mod auth;
 pub mod batch;
 pub mod broker;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use crate::acks::Acks;
 use crate::protocol::{self, InvalidInput, PreparedEvent, PublishRequest, Target, UserId};
 use crate::shard::{BroadcastOutcome, Command, Delivery, Permit, PublishCmd};
 use crate::shared::Shared;
@@ -62,10 +63,11 @@ impl PublishError {
     }
 }
 
-/// Replies still to come from the shards.
+/// Replies still to come from the shards: slots of the request's [`Acks`]
+/// block (`None`: no reply was asked for).
 pub enum Pending {
-    One(Option<oneshot::Receiver<Delivery>>),
-    Many(Vec<(UserId, Option<oneshot::Receiver<Delivery>>)>),
+    One(Option<usize>),
+    Many(Vec<(UserId, Option<usize>)>),
 }
 
 /// The applied result of one publish object.
@@ -163,20 +165,30 @@ fn split(req: PublishRequest) -> (bool, Vec<UserId>, Arc<PreparedEvent>, Option<
 }
 
 /// An item's replies to wait for: one, or one per user of a `users` list.
-fn pending_of(many: bool, mut pending: Vec<(UserId, Option<oneshot::Receiver<Delivery>>)>) -> Pending {
+fn pending_of(many: bool, mut pending: Vec<(UserId, Option<usize>)>) -> Pending {
     if many {
         Pending::Many(pending)
     } else {
-        Pending::One(pending.pop().and_then(|(_, rx)| rx))
+        Pending::One(pending.pop().and_then(|(_, slot)| slot))
     }
+}
+
+/// Commands (one per user of every item) a request will submit.
+fn command_count(items: &[Routed]) -> usize {
+    items.iter().map(|r| r.as_ref().map_or(0, |(_, shards)| shards.len())).sum()
 }
 
 /// Submits items too large for one reservation: commands are buffered per
 /// shard and pushed a step at a time, waiting for room between steps. Every
-/// command carries a reply channel, so a step that could not be pushed is
-/// reported for its items instead of lost.
-async fn submit_stepwise(shared: &Shared, items: Vec<Routed>) -> Vec<Result<Pending, PublishError>> {
+/// command carries an ack, so a step that could not be pushed is reported
+/// for its items instead of lost.
+async fn submit_stepwise(
+    shared: &Shared,
+    items: Vec<Routed>,
+    acks: &Arc<Acks>,
+) -> Vec<Result<Pending, PublishError>> {
     let accepted = Instant::now();
+    let mut slot = 0;
     let ts_ms = unix_ms();
     let step = step_size(shared);
     let deadline = tokio::time::Instant::now() + STEP_WAIT;
@@ -193,17 +205,17 @@ async fn submit_stepwise(shared: &Shared, items: Vec<Routed>) -> Vec<Result<Pend
         let (many, users, event, id) = split(req);
         let mut pending = Vec::with_capacity(users.len());
         for (user, s) in users.into_iter().zip(shards) {
-            let (tx, rx) = oneshot::channel();
             let cmd = PublishCmd {
                 user: user.clone(),
                 event: event.clone(),
                 accepted,
                 ts_ms,
                 id: id.clone(),
-                reply: Some(tx),
+                reply: Some(acks.ack(slot)),
             };
             buffers[s].push(Command::Publish(cmd));
-            pending.push((user, Some(rx)));
+            pending.push((user, Some(slot)));
+            slot += 1;
             if buffers[s].len() >= step {
                 push_step(shared, s, &mut buffers[s], deadline).await;
             }
@@ -249,10 +261,11 @@ fn submit_all(
     shared: &Shared,
     routed: Vec<Routed>,
     counts: &[usize],
-    want_reply: bool,
+    acks: Option<&Arc<Acks>>,
 ) -> Vec<Result<Pending, PublishError>> {
     let accepted = Instant::now();
     let ts_ms = unix_ms();
+    let mut slot = 0;
     // One reservation per shard; a shard that cannot take it all takes nothing.
     let mut permits: Vec<Option<Permit<'_, Command>>> = counts
         .iter()
@@ -269,12 +282,9 @@ fn submit_all(
             let (many, users, event, id) = split(req);
             let mut pending = Vec::with_capacity(users.len());
             for (user, s) in users.into_iter().zip(shards) {
-                let (tx, rx) = if want_reply {
-                    let (tx, rx) = oneshot::channel();
-                    (Some(tx), Some(rx))
-                } else {
-                    (None, None)
-                };
+                let mine = acks.map(|_| slot);
+                let reply = acks.map(|a| a.ack(slot));
+                slot += 1;
                 if let Some(p) = permits[s].as_mut() {
                     let cmd = PublishCmd {
                         user: user.clone(),
@@ -282,11 +292,11 @@ fn submit_all(
                         accepted,
                         ts_ms,
                         id: id.clone(),
-                        reply: tx,
+                        reply,
                     };
                     p.push(Command::Publish(cmd));
                 }
-                pending.push((user, rx));
+                pending.push((user, mine));
             }
             Ok(pending_of(many, pending))
         })
@@ -312,19 +322,23 @@ pub async fn publish_items(
     }
     let parsed = items.iter().map(|raw| parse_raw(shared, raw)).collect();
     let (routed, counts) = route(shared, parsed);
-    let submitted = if counts.iter().all(|&n| n <= step_size(shared)) {
-        submit_all(shared, routed, &counts, want_reply)
-    } else {
-        submit_stepwise(shared, routed).await
+    let stepwise = !counts.iter().all(|&n| n <= step_size(shared));
+    // Stepwise items always carry acks: a step that could not be pushed
+    // must be reported, and a fire-and-forget caller still waits for room.
+    let acks = (want_reply || stepwise).then(|| Acks::new(command_count(&routed)));
+    let submitted = match acks.as_ref().filter(|_| stepwise) {
+        Some(acks) => submit_stepwise(shared, routed, acks).await,
+        None => submit_all(shared, routed, &counts, acks.as_ref()),
     };
-    let mut out = Vec::with_capacity(items.len());
-    for submitted in submitted {
-        let r = match submitted {
-            Ok(p) => resolve(p).await.map(|p| if want_reply { p } else { Published::Accepted }),
-            Err(e) => Err(e),
-        };
-        out.push(r);
+    if let Some(a) = &acks {
+        a.seal();
+        a.settled().await;
     }
+    let out = submitted
+        .into_iter()
+        .map(|r| r.and_then(|p| resolve(&p, acks.as_deref())))
+        .map(|r| r.map(|p| if want_reply { p } else { Published::Accepted }))
+        .collect();
     count_errors(shared, out)
 }
 
@@ -408,16 +422,18 @@ pub fn write_results(out: &mut String, results: &[Result<Published, PublishError
     out.push(']');
 }
 
-/// Waits for the shards' replies.
-pub async fn resolve(p: Pending) -> Result<Published, PublishError> {
+/// An item's results, read from the request's settled [`Acks`] block; a
+/// slot left unanswered (its command was dropped) is `Unavailable`.
+pub fn resolve(p: &Pending, acks: Option<&Acks>) -> Result<Published, PublishError> {
+    let get = |slot: usize| acks.and_then(|a| a.get(slot)).ok_or(PublishError::Unavailable);
     match p {
         Pending::One(None) => Ok(Published::Accepted),
-        Pending::One(Some(rx)) => rx.await.map(Published::One).map_err(|_| PublishError::Unavailable),
+        Pending::One(Some(slot)) => get(*slot).map(Published::One),
         Pending::Many(list) => {
             let mut out = Vec::with_capacity(list.len());
-            for (user, rx) in list {
-                let Some(rx) = rx else { return Ok(Published::Accepted) };
-                out.push((user, rx.await.map_err(|_| PublishError::Unavailable)?));
+            for (user, slot) in list {
+                let Some(slot) = slot else { return Ok(Published::Accepted) };
+                out.push((user.clone(), get(*slot)?));
             }
             Ok(Published::Many(out))
         }

@@ -32,10 +32,10 @@ pub enum Deferred {
         frame: Bytes,
         priority: Priority,
         accepted: Instant,
-        reply: Option<oneshot::Sender<Delivery>>,
+        reply: Option<crate::acks::Ack>,
     },
     /// The answer to a duplicate publish (its original may be in this batch).
-    Reply { reply: oneshot::Sender<Delivery>, delivery: Delivery },
+    Reply { reply: crate::acks::Ack, delivery: Delivery },
     /// A shard's broadcast answer.
     Broadcast { reply: oneshot::Sender<BroadcastOutcome>, outcome: BroadcastOutcome },
 }

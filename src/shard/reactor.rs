@@ -236,7 +236,7 @@ impl ShardCore {
         }
         let delivered = self.apply_event(&p.user, user, (seq, seg), frame, p.event.priority, p.accepted, now);
         if let Some(reply) = p.reply {
-            let _ = reply.send(Delivery { seq, delivered, duplicate: false });
+            reply.send(Delivery { seq, delivered, duplicate: false });
         }
         drop(users);
         self.enforce_budget();
@@ -262,12 +262,10 @@ impl ShardCore {
                     let Some(user) = users.get_mut(&id) else { continue };
                     let delivered = self.apply_event(&id, user, (seq, seg), frame, priority, accepted, now);
                     if let Some(reply) = reply {
-                        let _ = reply.send(Delivery { seq, delivered, duplicate: false });
+                        reply.send(Delivery { seq, delivered, duplicate: false });
                     }
                 }
-                Deferred::Reply { reply, delivery } => {
-                    let _ = reply.send(delivery);
-                }
+                Deferred::Reply { reply, delivery } => reply.send(delivery),
                 Deferred::Broadcast { reply, outcome } => {
                     let _ = reply.send(outcome);
                 }
@@ -493,7 +491,7 @@ impl ShardCore {
             None => Some(answer),
         };
         match now {
-            Some(Deferred::Reply { reply, delivery }) => drop(reply.send(delivery)),
+            Some(Deferred::Reply { reply, delivery }) => reply.send(delivery),
             Some(Deferred::Broadcast { reply, outcome }) => drop(reply.send(outcome)),
             Some(Deferred::Event { .. }) | None => {}
         }
