@@ -20,6 +20,10 @@
 //! the shard's HdrHistogram records publish→write latency ([`metrics`]).
 //! With `--data-dir` the shard also logs each event ([`engine`]) and, with
 //! `--fsync always`, answers and fans out only once its batch is synced.
+//! With `--cluster` ([`cluster`]) the publish path runs one Lua script per
+//! event in Redis (seq, history, idempotency, `PUBLISH`, atomically) and
+//! shards deliver only what arrives on Pub/Sub, in seq order, filling gaps
+//! from the user's Redis stream.
 //!
 //! **Module map**, top floor first; a module imports only modules on lower
 //! floors (no import circles, no arrow back up):
@@ -27,22 +31,26 @@
 //! ```text
 //! main.rs (binary)  flags → start → signals → drain, or a subcommand
 //! cli, signals      switchyard token / check-config; SIGTERM, SIGUSR1
-//! broker            assembly: data dir, listeners, shards, shutdown order
+//! broker            assembly: data dir, cluster engine, listeners, shards,
+//!                   shutdown order
 //! histdump          .hgrm / .hlog files
 //! listener/         client (handshake, TLS, hand-over), api (+ stream,
 //!                   watchdog, reply, tls)
-//! publish, observe  publish objects → shard commands; stats, /metrics, dashboard
-//! shard/            reactor (owned state), persist, history, budget, idempotency
+//! publish, observe  publish objects → shard commands (or, --cluster, Redis);
+//!                   stats, /metrics, dashboard
+//! shard/            reactor (owned state; reactor/remote: cluster delivery),
+//!                   persist, history, budget, idempotency
 //! shared            what every thread reads (config, router, shard handles)
-//! inbox, ring       commands a shard takes and its handle; the lock-free ring
-//! acks              one result block per publish request (no channel per event)
+//! inbox             commands a shard takes and its handle
+//! cluster/          --cluster: Redis link, Lua scripts, keys, Pub/Sub subscriber
 //! connection/       one client socket: queue, writer, readers, transport
 //! engine/           --data-dir: locked directory, segment log, records
-//! routing, metrics, auth, batch
+//! routing, metrics, auth, batch, publish_model (the serde_json model the
+//!                   fast publish parser is fuzzed against)
 //! protocol, sse     wire vocabulary and framing (encode once)
-//! jsonscan          one-pass JSON validation for publish objects (no tree)
-//! publish_model     the serde_json model the fast parser is fuzzed against
-//! config, redact, wsframe, fdlimit
+//! jsonscan, acks,   one-pass JSON validation (no tree); one result block per
+//! ring, config,     publish request; the lock-free ring; flags
+//! redact, wsframe, fdlimit
 //! ```
 //!
 //! **No lock on the per-event path.** The rings are crossbeam's `ArrayQueue`
@@ -52,7 +60,12 @@
 //! shard polls no shared token, whose `CancellationToken` holds a mutex).
 //! Locks remain off that path only: the tokio runtimes' internals the
 //! listeners use, hyper's connection state, and the disk engine's syncer
-//! channel (flume), once per reactor pass, not per event.
+//! channel (flume), once per reactor pass, not per event. Publish results
+//! travel through one [`acks`] block per request (atomics and an
+//! `AtomicWaker`), not a channel per event. In cluster mode the path goes
+//! through the Redis client (redis-rs: its multiplexed connection queues
+//! requests on a tokio mpsc channel, and the Pub/Sub subscriber's requests
+//! likewise), which is network I/O, not the per-core data path.
 
 pub mod acks;
 pub mod auth;
