@@ -141,38 +141,59 @@ impl<'a> Scanner<'a> {
 
     /// The top-level object, keeping its members.
     fn top_object(&mut self) -> Result<Object<'a>, ScanError> {
-        self.enter()?;
-        self.i += 1; // '{'
         let mut obj = Object::default();
+        self.container(b'}', |s| {
+            let (key, _) = s.key()?;
+            let start = s.i;
+            let value = s.top_value()?;
+            obj.members.push(Member { key, value, span: start..s.i });
+            Ok(())
+        })?;
+        Ok(obj)
+    }
+
+    /// A container whose opening byte is next: `item` reads each element (for
+    /// an object, its key and value); commas, whitespace, the closing byte
+    /// and the nesting depth are handled here.
+    fn container(
+        &mut self,
+        close: u8,
+        mut item: impl FnMut(&mut Self) -> Result<(), ScanError>,
+    ) -> Result<(), ScanError> {
+        self.enter()?;
+        self.i += 1;
         self.ws();
-        if self.peek() == Some(b'}') {
-            self.i += 1;
-            self.depth -= 1;
-            return Ok(obj);
-        }
-        loop {
-            self.ws();
-            if self.peek() != Some(b'"') {
-                return Err(self.err("expected a key"));
-            }
-            let key = self.string()?;
-            self.ws();
-            self.expect(b':', "expected ':'")?;
-            self.ws();
-            let start = self.i;
-            let value = self.top_value()?;
-            obj.members.push(Member { key, value, span: start..self.i });
-            self.ws();
-            match self.peek() {
-                Some(b',') => self.i += 1,
-                Some(b'}') => {
-                    self.i += 1;
-                    self.depth -= 1;
-                    return Ok(obj);
+        if self.peek() != Some(close) {
+            loop {
+                self.ws();
+                item(self)?;
+                self.ws();
+                match self.peek() {
+                    Some(b',') => self.i += 1,
+                    Some(c) if c == close => break,
+                    _ if close == b'}' => return Err(self.err("expected ',' or '}'")),
+                    _ => return Err(self.err("expected ',' or ']'")),
                 }
-                _ => return Err(self.err("expected ',' or '}'")),
             }
         }
+        self.i += 1;
+        self.depth -= 1;
+        Ok(())
+    }
+
+    /// An object member's key and the `:` after it: the decoded key and its
+    /// bytes as written (quotes included).
+    fn key(&mut self) -> Result<(Cow<'a, str>, &'a [u8]), ScanError> {
+        if self.peek() != Some(b'"') {
+            return Err(self.err("expected a key"));
+        }
+        let start = self.i;
+        let key = self.string()?;
+        let written = &self.b[start..self.i];
+        self.ws();
+        self.expect(b':', "expected ':'")?;
+        self.ws();
+        Ok((key, written))
     }
 
     /// A member's value: strings and arrays of strings are decoded.
@@ -189,126 +210,59 @@ impl<'a> Scanner<'a> {
 
     /// An array directly under the top object: its strings, if all are.
     fn top_array(&mut self) -> Result<Value<'a>, ScanError> {
-        self.enter()?;
-        self.i += 1; // '['
         let mut strings = Some(Vec::new());
-        self.ws();
-        if self.peek() == Some(b']') {
-            self.i += 1;
-            self.depth -= 1;
-            return Ok(Value::Strings(Vec::new()));
-        }
-        loop {
-            self.ws();
-            if self.peek() == Some(b'"') {
-                let s = self.string()?;
+        self.container(b']', |s| {
+            if s.peek() == Some(b'"') {
+                let text = s.string()?;
                 if let Some(list) = strings.as_mut() {
-                    list.push(s);
+                    list.push(text);
                 }
+                Ok(())
             } else {
-                self.value()?;
                 strings = None;
+                s.value()
             }
-            self.ws();
-            match self.peek() {
-                Some(b',') => self.i += 1,
-                Some(b']') => {
-                    self.i += 1;
-                    self.depth -= 1;
-                    return Ok(strings.map_or(Value::Other, Value::Strings));
-                }
-                _ => return Err(self.err("expected ',' or ']'")),
-            }
-        }
+        })?;
+        Ok(strings.map_or(Value::Other, Value::Strings))
     }
 
     /// Any value, validated and copied to `out` (see [`without_keys`]).
     fn copy_value(&mut self, out: &mut Vec<u8>, drop: &dyn Fn(&str) -> bool) -> Result<(), ScanError> {
+        let mut first = true;
         match self.peek() {
             Some(b'{') => {
-                self.enter()?;
-                self.i += 1;
                 out.push(b'{');
-                let mut first = true;
-                self.ws();
-                if self.peek() == Some(b'}') {
-                    self.i += 1;
-                    self.depth -= 1;
-                    out.push(b'}');
-                    return Ok(());
-                }
-                loop {
-                    self.ws();
-                    if self.peek() != Some(b'"') {
-                        return Err(self.err("expected a key"));
-                    }
-                    let start = self.i;
-                    let key = self.string()?;
-                    let key_text = &self.b[start..self.i];
-                    self.ws();
-                    self.expect(b':', "expected ':'")?;
-                    self.ws();
+                self.container(b'}', |s| {
+                    let (key, written) = s.key()?;
                     if drop(&key) {
-                        self.value()?;
-                    } else {
-                        if !first {
-                            out.push(b',');
-                        }
-                        first = false;
-                        out.extend_from_slice(key_text);
-                        out.push(b':');
-                        self.copy_value(out, drop)?;
+                        return s.value();
                     }
-                    self.ws();
-                    match self.peek() {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            self.depth -= 1;
-                            out.push(b'}');
-                            return Ok(());
-                        }
-                        _ => return Err(self.err("expected ',' or '}'")),
+                    if !std::mem::replace(&mut first, false) {
+                        out.push(b',');
                     }
-                }
+                    out.extend_from_slice(written);
+                    out.push(b':');
+                    s.copy_value(out, drop)
+                })?;
+                out.push(b'}');
             }
             Some(b'[') => {
-                self.enter()?;
-                self.i += 1;
                 out.push(b'[');
-                self.ws();
-                if self.peek() == Some(b']') {
-                    self.i += 1;
-                    self.depth -= 1;
-                    out.push(b']');
-                    return Ok(());
-                }
-                loop {
-                    self.ws();
-                    self.copy_value(out, drop)?;
-                    self.ws();
-                    match self.peek() {
-                        Some(b',') => {
-                            self.i += 1;
-                            out.push(b',');
-                        }
-                        Some(b']') => {
-                            self.i += 1;
-                            self.depth -= 1;
-                            out.push(b']');
-                            return Ok(());
-                        }
-                        _ => return Err(self.err("expected ',' or ']'")),
+                self.container(b']', |s| {
+                    if !std::mem::replace(&mut first, false) {
+                        out.push(b',');
                     }
-                }
+                    s.copy_value(out, drop)
+                })?;
+                out.push(b']');
             }
             _ => {
                 let start = self.i;
                 self.value()?;
                 out.extend_from_slice(&self.b[start..self.i]);
-                Ok(())
             }
         }
+        Ok(())
     }
 
     /// Any value, validated and skipped.
@@ -327,60 +281,14 @@ impl<'a> Scanner<'a> {
     }
 
     fn object(&mut self) -> Result<(), ScanError> {
-        self.enter()?;
-        self.i += 1;
-        self.ws();
-        if self.peek() == Some(b'}') {
-            self.i += 1;
-            self.depth -= 1;
-            return Ok(());
-        }
-        loop {
-            self.ws();
-            if self.peek() != Some(b'"') {
-                return Err(self.err("expected a key"));
-            }
-            self.string()?;
-            self.ws();
-            self.expect(b':', "expected ':'")?;
-            self.ws();
-            self.value()?;
-            self.ws();
-            match self.peek() {
-                Some(b',') => self.i += 1,
-                Some(b'}') => {
-                    self.i += 1;
-                    self.depth -= 1;
-                    return Ok(());
-                }
-                _ => return Err(self.err("expected ',' or '}'")),
-            }
-        }
+        self.container(b'}', |s| {
+            s.key()?;
+            s.value()
+        })
     }
 
     fn array(&mut self) -> Result<(), ScanError> {
-        self.enter()?;
-        self.i += 1;
-        self.ws();
-        if self.peek() == Some(b']') {
-            self.i += 1;
-            self.depth -= 1;
-            return Ok(());
-        }
-        loop {
-            self.ws();
-            self.value()?;
-            self.ws();
-            match self.peek() {
-                Some(b',') => self.i += 1,
-                Some(b']') => {
-                    self.i += 1;
-                    self.depth -= 1;
-                    return Ok(());
-                }
-                _ => return Err(self.err("expected ',' or ']'")),
-            }
-        }
+        self.container(b']', Self::value)
     }
 
     fn literal(&mut self, word: &'static [u8]) -> Result<(), ScanError> {

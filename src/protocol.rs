@@ -297,8 +297,12 @@ pub fn unix_us() -> u64 {
 /// which the cluster's publish script completes with the seq Redis assigns.
 pub fn event_tail(ev: &PreparedEvent, ts_ms: u64) -> Vec<u8> {
     let mut ts_buf = itoa::Buffer::new();
-    let ts_s = ts_buf.format(ts_ms);
-    let parts: [&[u8]; 9] = [
+    tail_parts(ev, ts_buf.format(ts_ms)).concat()
+}
+
+/// The pieces of an event's JSON after its seq, in order.
+fn tail_parts<'a>(ev: &'a PreparedEvent, ts: &'a str) -> [&'a [u8]; 9] {
+    [
         b",\"event\":\"",
         ev.name.as_bytes(),
         b"\",\"data\":",
@@ -306,10 +310,9 @@ pub fn event_tail(ev: &PreparedEvent, ts_ms: u64) -> Vec<u8> {
         b",\"priority\":\"",
         ev.priority.as_str().as_bytes(),
         b"\",\"ts\":",
-        ts_s.as_bytes(),
+        ts.as_bytes(),
         b"}",
-    ];
-    parts.concat()
+    ]
 }
 
 /// Encodes an `event` frame (WebSocket header included) for one user and seq.
@@ -320,24 +323,12 @@ pub fn encode_event_frame(seq: u64, ev: &PreparedEvent, ts_ms: u64) -> Bytes {
     let mut seq_buf = itoa::Buffer::new();
     let seq_s = seq_buf.format(seq);
     let mut ts_buf = itoa::Buffer::new();
-    let ts_s = ts_buf.format(ts_ms);
-    let parts: [&[u8]; 11] = [
-        b"{\"type\":\"event\",\"seq\":",
-        seq_s.as_bytes(),
-        b",\"event\":\"",
-        ev.name.as_bytes(),
-        b"\",\"data\":",
-        &ev.data,
-        b",\"priority\":\"",
-        ev.priority.as_str().as_bytes(),
-        b"\",\"ts\":",
-        ts_s.as_bytes(),
-        b"}",
-    ];
-    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let head: [&[u8]; 2] = [b"{\"type\":\"event\",\"seq\":", seq_s.as_bytes()];
+    let tail = tail_parts(ev, ts_buf.format(ts_ms));
+    let len: usize = head.iter().chain(tail.iter()).map(|p| p.len()).sum();
     let mut out = Vec::with_capacity(len + wsframe::MAX_HEADER_LEN);
     wsframe::put_header(&mut out, wsframe::OP_TEXT, len);
-    for p in parts {
+    for p in head.iter().chain(tail.iter()) {
         out.extend_from_slice(p);
     }
     Bytes::from(out)

@@ -68,16 +68,7 @@ impl Node {
     /// Connects (waiting for the node to be ready) and returns the welcome.
     pub async fn connect(&self, query: &str) -> (Ws, Value) {
         self.wait_ready().await;
-        let (mut ws, _) = tokio::time::timeout(
-            WAIT,
-            tokio_tungstenite::connect_async(format!("ws://{}/ws?{query}", self.client)),
-        )
-        .await
-        .expect("connect in time")
-        .expect("upgrade");
-        let w = next_json(&mut ws).await;
-        assert_eq!(w["type"], "welcome", "{w}");
-        (ws, w)
+        connect_welcomed(&format!("ws://{}/ws?{query}", self.client)).await
     }
 
     pub async fn readyz(&self) -> u16 {
@@ -129,6 +120,24 @@ async fn raw_get(addr: &str, path: &str) -> (u16, String) {
     let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await;
     let text = String::from_utf8_lossy(&buf).into_owned();
     (text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0), text)
+}
+
+/// A Redis and two nodes on it.
+async fn redis_and_two_nodes() -> (Redis, Node, Node) {
+    let redis = Redis::start().await;
+    let (a, b) = (Node::start(&redis.url(), &[]), Node::start(&redis.url(), &[]));
+    (redis, a, b)
+}
+
+/// Connects `user` on `on`, publishes events 1..=n through `via` and reads
+/// them; returns the socket and the user's epoch.
+async fn seeded(on: &Node, via: &Node, user: &str, n: u64) -> (Ws, String) {
+    let (mut ws, w) = on.connect(&format!("user={user}")).await;
+    for i in 1..=n {
+        via.publish_ok(user, i).await;
+    }
+    assert_eq!(seqs(&next_events(&mut ws, n as usize).await), (1..=n).collect::<Vec<_>>());
+    (ws, w["epoch"].as_str().unwrap().to_string())
 }
 
 fn data_i(events: &[Value]) -> Vec<u64> {
@@ -235,14 +244,8 @@ async fn the_connection_limit_delete_broadcast_and_idempotency_hold_across_nodes
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_stopped_publishes_and_upgrades_get_503_live_connections_stay_and_nothing_is_missed_after()
 {
-    let mut redis = Redis::start().await;
-    let a = Node::start(&redis.url(), &[]);
-    let b = Node::start(&redis.url(), &[]);
-    let (mut ws, _) = a.connect("user=fay").await;
-    for i in 1..=5 {
-        b.publish_ok("fay", i).await;
-    }
-    assert_eq!(data_i(&next_events(&mut ws, 5).await), vec![1, 2, 3, 4, 5]);
+    let (mut redis, a, b) = redis_and_two_nodes().await;
+    let (mut ws, _) = seeded(&a, &b, "fay", 5).await;
 
     redis.stop();
     let deadline = Instant::now() + WAIT;
@@ -297,15 +300,8 @@ async fn with_redis_stopped_publishes_and_upgrades_get_503_live_connections_stay
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_redis_loses_its_data_users_get_a_new_epoch_and_no_epoch_seq_pair_repeats() {
-    let redis = Redis::start().await;
-    let a = Node::start(&redis.url(), &[]);
-    let b = Node::start(&redis.url(), &[]);
-    let (mut ws, w) = a.connect("user=hal").await;
-    let old_epoch = w["epoch"].as_str().unwrap().to_string();
-    for i in 1..=3 {
-        b.publish_ok("hal", i).await;
-    }
-    assert_eq!(seqs(&next_events(&mut ws, 3).await), vec![1, 2, 3]);
+    let (redis, a, b) = redis_and_two_nodes().await;
+    let (mut ws, old_epoch) = seeded(&a, &b, "hal", 3).await;
     assert!(redis.cmd(&["FLUSHALL"]).await.starts_with("+OK"));
     let r = b.publish_ok("hal", 4).await;
     assert_eq!(r["seq"], 1, "a lost state starts over at seq 1: {r}");
@@ -484,16 +480,9 @@ async fn lose_last_events(redis: &Redis, user: &str, seq: u64, n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_redis_loses_acknowledged_writes_the_user_gets_a_new_epoch_instead_of_reused_seqs() {
-    let redis = Redis::start().await;
-    let a = Node::start(&redis.url(), &[]);
-    let b = Node::start(&redis.url(), &[]);
+    let (redis, a, b) = redis_and_two_nodes().await;
     // A node that delivered seqs Redis no longer has notices the reassigned seq.
-    let (mut ws, w) = a.connect("user=kim").await;
-    let old = w["epoch"].as_str().unwrap().to_string();
-    for i in 1..=5 {
-        b.publish_ok("kim", i).await;
-    }
-    assert_eq!(seqs(&next_events(&mut ws, 5).await), vec![1, 2, 3, 4, 5]);
+    let (mut ws, old) = seeded(&a, &b, "kim", 5).await;
     lose_last_events(&redis, "kim", 5, 2).await;
     let r = b.publish_ok("kim", 6).await;
     assert_eq!(r["seq"], 4, "Redis reassigned seq 4: {r}");
@@ -503,12 +492,7 @@ async fn when_redis_loses_acknowledged_writes_the_user_gets_a_new_epoch_instead_
     assert_ne!(w["epoch"], old.as_str(), "a new epoch, so no (epoch, seq) is reused");
 
     // A client that saw seqs Redis no longer has, resuming on a node with no copy.
-    let (mut ws, w) = b.connect("user=lou").await;
-    let old = w["epoch"].as_str().unwrap().to_string();
-    for i in 1..=5 {
-        b.publish_ok("lou", i).await;
-    }
-    assert_eq!(seqs(&next_events(&mut ws, 5).await), vec![1, 2, 3, 4, 5]);
+    let (ws, old) = seeded(&b, &b, "lou", 5).await;
     drop(ws);
     lose_last_events(&redis, "lou", 5, 2).await;
     // Wait until b has dropped lou's copy (its last connection closed).

@@ -40,16 +40,7 @@ impl Node {
     }
 
     async fn connect(&self, query: &str) -> (Ws, Value) {
-        let (mut ws, _) = tokio::time::timeout(
-            WAIT,
-            tokio_tungstenite::connect_async(format!("ws://{}/ws?{query}", self.client)),
-        )
-        .await
-        .expect("connect in time")
-        .expect("upgrade");
-        let w = next_json(&mut ws).await;
-        assert_eq!(w["type"], "welcome");
-        (ws, w)
+        connect_welcomed(&format!("ws://{}/ws?{query}", self.client)).await
     }
 
     /// SIGTERM (or `signal`), and the exit status.

@@ -57,13 +57,7 @@ impl TestBroker {
     }
 
     pub async fn connect_query(&self, query: &str) -> (Ws, Value) {
-        let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(self.ws_url(query)))
-            .await
-            .expect("connect in time")
-            .expect("upgrade accepted");
-        let welcome = next_json(&mut ws).await;
-        assert_eq!(welcome["type"], "welcome", "first frame is welcome: {welcome}");
-        (ws, welcome)
+        connect_welcomed(&self.ws_url(query)).await
     }
 
     pub async fn post(&self, path: &str, body: impl Into<Bytes>) -> (u16, Value) {
@@ -110,6 +104,18 @@ impl TestBroker {
             tokio::task::spawn_blocking(move || r.shutdown()).await.expect("shutdown");
         }
     }
+}
+
+/// Opens a WebSocket to `url` (bounded) and reads its first frame, which
+/// must be the `welcome`.
+pub async fn connect_welcomed(url: &str) -> (Ws, Value) {
+    let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("connect in time")
+        .expect("upgrade accepted");
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome", "first frame is welcome: {welcome}");
+    (ws, welcome)
 }
 
 /// One HTTP/1.1 request with hyper's client. Returns status, headers, body.
