@@ -305,6 +305,17 @@ fn submit_all(
     out
 }
 
+/// What a publish does when a target shard's ring is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Answer 503 `overloaded` at once (HTTP publishes: the client retries).
+    Refuse,
+    /// Wait for room (up to 5 s per step) and apply the frame before the
+    /// next one is read: a publisher stream is flow-controlled through its
+    /// socket instead of having items refused (fire-and-forget ones too).
+    Wait,
+}
+
 /// Parses, submits and resolves the items of a publish, a batch or a
 /// stream frame, in order, with one reservation per shard for all of them
 /// ([`submit_all`]), or in ring-sized steps when they need more than that
@@ -315,6 +326,7 @@ pub async fn publish_items(
     shared: &Shared,
     items: &[&[u8]],
     want_reply: bool,
+    admission: Admission,
 ) -> Vec<Result<Published, PublishError>> {
     if let Some(engine) = &shared.cluster {
         let parsed = items.iter().map(|raw| parse_raw(shared, raw)).collect();
@@ -322,7 +334,7 @@ pub async fn publish_items(
     }
     let parsed = items.iter().map(|raw| parse_raw(shared, raw)).collect();
     let (routed, counts) = route(shared, parsed);
-    let stepwise = !counts.iter().all(|&n| n <= step_size(shared));
+    let stepwise = admission == Admission::Wait || !counts.iter().all(|&n| n <= step_size(shared));
     // Stepwise items always carry acks: a step that could not be pushed
     // must be reported, and a fire-and-forget caller still waits for room.
     let acks = (want_reply || stepwise).then(|| Acks::new(command_count(&routed)));

@@ -243,7 +243,7 @@ async fn publish_one(req: Request<Incoming>, shared: &Shared) -> Response<Body> 
         Ok(b) => b,
         Err(r) => return r,
     };
-    match publish::publish_items(shared, &[&body], true).await.pop() {
+    match publish::publish_items(shared, &[&body], true, publish::Admission::Refuse).await.pop() {
         Some(Ok(p)) => json(StatusCode::OK, &p.to_json()),
         Some(Err(e)) => publish_error(&e),
         None => publish_error(&PublishError::Unavailable),
@@ -264,7 +264,7 @@ async fn publish_batch(req: Request<Incoming>, shared: &Shared) -> Response<Body
         Ok(items) => items,
         Err(e) => return error(400, e.code, &e.message),
     };
-    let results = publish::publish_items(shared, &items, true).await;
+    let results = publish::publish_items(shared, &items, true, publish::Admission::Refuse).await;
     let mut out = String::with_capacity(16 + 32 * results.len());
     out.push_str("{\"results\":");
     publish::write_results(&mut out, &results);

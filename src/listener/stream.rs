@@ -270,7 +270,7 @@ async fn handle_message(shared: &Shared, payload: &[u8], acks: bool) -> Result<V
             return Ok(vec![err.to_string()]);
         }
     };
-    let results = publish::publish_items(shared, &items, acks).await;
+    let results = publish::publish_items(shared, &items, acks, publish::Admission::Wait).await;
     if acks {
         let mut ack = String::with_capacity(32 + 32 * results.len());
         ack.push_str("{\"type\":\"ack\",\"results\":");

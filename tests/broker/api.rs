@@ -151,6 +151,29 @@ async fn stream_without_acks_reports_only_failures() {
     b.stop().await;
 }
 
+/// A fire-and-forget stream faster than its shard is slowed down through its
+/// socket (the broker waits for ring room before reading on), not refused:
+/// the bench at max rate got `overloaded` errors before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_without_acks_waits_for_a_full_ring_instead_of_refusing_items() {
+    // Frames of 50 fit one reservation (half of 128), so only a full ring stops them.
+    let b = TestBroker::with(|c| c.ring_capacity = 128);
+    let (mut client, _) = b.connect("flood").await;
+    let mut pubs = stream(&b, "").await;
+    for f in 0..20 {
+        let frame: Vec<String> =
+            (0..50).map(|i| json!({"user": "flood", "event": "e", "data": f * 50 + i}).to_string()).collect();
+        pubs.send(Message::text(frame.join("\n"))).await.unwrap();
+    }
+    let evs = next_events(&mut client, 1000).await;
+    let data: Vec<u64> = evs.iter().map(|e| e["data"].as_u64().unwrap()).collect();
+    assert_eq!(data, (0..1000).collect::<Vec<_>>(), "every item applied, in order");
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(200), pubs.next()).await;
+    assert!(quiet.is_err(), "no item was refused: {quiet:?}");
+    let _ = pubs.close(None).await;
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn api_key_is_required_when_set() {
     let b = TestBroker::with(|c| c.api_key = Some("k3y".into()));
