@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = Authenticator::new(None).authenticate(&creds);
             let _ = Authenticator::new(Some(b"fuzz-secret")).authenticate(&creds);
         }
-        Ok(Parsed::Health | Parsed::Echo(_)) => {}
+        Ok(Parsed::Health | Parsed::Ready | Parsed::Echo(_)) => {}
         Err(r) => assert!((400..500).contains(&r.status)),
     }
 });
