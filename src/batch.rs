@@ -16,10 +16,13 @@ pub fn split(body: &[u8]) -> Result<Vec<&[u8]>, InvalidInput> {
     let items = if trimmed.first() == Some(&b'[') {
         split_array(trimmed)?
     } else {
-        // Stops one past the cap: a body of a million lines is not collected first.
-        trimmed
-            .split(|&b| b == b'\n')
-            .map(|l| l.trim_ascii())
+        // Stops one past the cap: a body of a million lines is not collected
+        // first. Newlines are found with memchr (SIMD), not byte by byte.
+        let mut start = 0;
+        memchr::memchr_iter(b'\n', trimmed)
+            .chain(std::iter::once(trimmed.len()))
+            .map(|end| std::mem::replace(&mut start, end + 1)..end)
+            .map(|r| trimmed[r].trim_ascii())
             .filter(|l| !l.is_empty())
             .take(MAX_ITEMS + 1)
             .collect()

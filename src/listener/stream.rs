@@ -140,14 +140,17 @@ async fn read_loop(
         };
         // Relaxed: a timestamp read by the writer on the same task.
         last_recv.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let message = match frame.opcode {
+        // A whole message is used where fastwebsockets read it (no copy);
+        // only a fragmented one is gathered into a buffer of its own.
+        let gathered: Vec<u8>;
+        let (op, message): (OpCode, &[u8]) = match frame.opcode {
             OpCode::Close => return,
             OpCode::Ping | OpCode::Pong => continue,
             OpCode::Text | OpCode::Binary if partial.is_some() => {
                 let _ = tx.send(Out::Close(1002, "new message inside a fragmented one")).await;
                 return;
             }
-            OpCode::Text | OpCode::Binary if frame.fin => (frame.opcode, frame.payload.to_vec()),
+            OpCode::Text | OpCode::Binary if frame.fin => (frame.opcode, &frame.payload),
             OpCode::Text | OpCode::Binary => {
                 partial = Some((frame.opcode, frame.payload.to_vec()));
                 continue;
@@ -166,16 +169,17 @@ async fn read_loop(
                     partial = Some((op, buf));
                     continue;
                 }
-                (op, buf)
+                gathered = buf;
+                (op, &gathered)
             }
         };
-        let replies = match message {
-            (OpCode::Text, text) => {
-                if std::str::from_utf8(&text).is_err() {
+        let replies = match op {
+            OpCode::Text => {
+                if std::str::from_utf8(message).is_err() {
                     let _ = tx.send(Out::Close(1007, "invalid UTF-8")).await;
                     return;
                 }
-                match handle_message(shared, &text, acks).await {
+                match handle_message(shared, message, acks).await {
                     Ok(replies) => replies,
                     Err(()) => {
                         let _ = tx.send(Out::Close(1009, "more than 1000 items in one message")).await;
