@@ -70,7 +70,7 @@ pub enum Top<'a> {
 
 /// Validates `input` as one JSON text and returns its top-level object's members.
 pub fn scan(input: &[u8]) -> Result<Top<'_>, ScanError> {
-    let mut s = Scanner { b: input, i: 0, depth: 0 };
+    let mut s = Scanner::new(input)?;
     s.ws();
     let top = if s.peek() == Some(b'{') {
         Top::Object(s.top_object()?)
@@ -90,7 +90,7 @@ pub fn scan(input: &[u8]) -> Result<Top<'_>, ScanError> {
 /// whitespace is dropped, everything else is copied as written (numbers and
 /// string escapes unchanged). Used for `--redact-keys`.
 pub fn without_keys(text: &[u8], drop: &dyn Fn(&str) -> bool) -> Result<Vec<u8>, ScanError> {
-    let mut s = Scanner { b: text, i: 0, depth: 0 };
+    let mut s = Scanner::new(text)?;
     let mut out = Vec::with_capacity(text.len());
     s.ws();
     s.copy_value(&mut out, drop)?;
@@ -103,11 +103,28 @@ pub fn without_keys(text: &[u8], drop: &dyn Fn(&str) -> bool) -> Result<Vec<u8>,
 
 struct Scanner<'a> {
     b: &'a [u8],
+    /// The same input as text: it is checked to be UTF-8 once, up front, so
+    /// strings are sliced from it rather than each checked again. (Outside
+    /// strings the grammar allows only ASCII, so this refuses exactly what
+    /// `serde_json` refuses for encoding.)
+    t: &'a str,
     i: usize,
     depth: usize,
 }
 
 impl<'a> Scanner<'a> {
+    fn new(input: &'a [u8]) -> Result<Self, ScanError> {
+        match std::str::from_utf8(input) {
+            Ok(t) => Ok(Scanner { b: input, t, i: 0, depth: 0 }),
+            Err(e) => Err(ScanError { at: e.valid_up_to(), what: "invalid UTF-8" }),
+        }
+    }
+
+    /// `t[from..to]`; both ends sit next to ASCII bytes, so on char boundaries.
+    fn text(&self, from: usize, to: usize) -> Result<&'a str, ScanError> {
+        self.t.get(from..to).ok_or_else(|| self.err("invalid UTF-8"))
+    }
+
     fn err(&self, what: &'static str) -> ScanError {
         ScanError { at: self.i, what }
     }
@@ -349,56 +366,55 @@ impl<'a> Scanner<'a> {
     fn string(&mut self) -> Result<Cow<'a, str>, ScanError> {
         self.i += 1; // opening quote
         let start = self.i;
-        self.skip_plain();
-        loop {
-            match self.peek() {
-                Some(b'"') => {
-                    let raw = &self.b[start..self.i];
-                    self.i += 1;
-                    return std::str::from_utf8(raw)
-                        .map(Cow::Borrowed)
-                        .map_err(|_| self.err("invalid UTF-8"));
-                }
-                Some(b'\\') => break,
-                Some(0..=0x1f) => return Err(self.err("control character in a string")),
-                Some(_) => self.i += 1,
-                None => return Err(self.err("unterminated string")),
-            }
+        self.plain_run()?;
+        if self.peek() == Some(b'"') {
+            let text = self.text(start, self.i)?;
+            self.i += 1;
+            return Ok(Cow::Borrowed(text));
         }
-        // Escapes: decode from here on.
-        let mut out: Vec<u8> = self.b[start..self.i].to_vec();
+        // Escapes: decode from here on, copying the plain runs between them.
+        let mut out = String::from(self.text(start, self.i)?);
         loop {
             match self.peek() {
                 Some(b'"') => {
                     self.i += 1;
-                    return String::from_utf8(out).map(Cow::Owned).map_err(|_| self.err("invalid UTF-8"));
+                    return Ok(Cow::Owned(out));
                 }
                 Some(b'\\') => {
                     self.i += 1;
                     let c = self.peek().ok_or_else(|| self.err("unterminated escape"))?;
                     self.i += 1;
-                    match c {
-                        b'"' => out.push(b'"'),
-                        b'\\' => out.push(b'\\'),
-                        b'/' => out.push(b'/'),
-                        b'b' => out.push(0x08),
-                        b'f' => out.push(0x0c),
-                        b'n' => out.push(b'\n'),
-                        b'r' => out.push(b'\r'),
-                        b't' => out.push(b'\t'),
-                        b'u' => {
-                            let ch = self.unicode_escape()?;
-                            let mut buf = [0u8; 4];
-                            out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
-                        }
+                    out.push(match c {
+                        b'"' => '"',
+                        b'\\' => '\\',
+                        b'/' => '/',
+                        b'b' => '\u{8}',
+                        b'f' => '\u{c}',
+                        b'n' => '\n',
+                        b'r' => '\r',
+                        b't' => '\t',
+                        b'u' => self.unicode_escape()?,
                         _ => return Err(self.err("invalid escape")),
-                    }
+                    });
                 }
+                _ => {
+                    let from = self.i;
+                    self.plain_run()?;
+                    out.push_str(self.text(from, self.i)?);
+                }
+            }
+        }
+    }
+
+    /// Moves past string bytes up to the next quote or backslash; refuses a
+    /// control character or the end of input on the way.
+    fn plain_run(&mut self) -> Result<(), ScanError> {
+        self.skip_plain();
+        loop {
+            match self.peek() {
+                Some(b'"' | b'\\') => return Ok(()),
                 Some(0..=0x1f) => return Err(self.err("control character in a string")),
-                Some(b) => {
-                    out.push(b);
-                    self.i += 1;
-                }
+                Some(_) => self.i += 1,
                 None => return Err(self.err("unterminated string")),
             }
         }
