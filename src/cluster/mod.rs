@@ -441,7 +441,8 @@ impl Engine {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if self.link.ping(&self.health).await.is_err() {
+            if let Err(e) = self.link.ping(&self.health).await {
+                tracing::debug!(error = %e, "Redis ping failed");
                 continue;
             }
             let now = crate::protocol::unix_ms();

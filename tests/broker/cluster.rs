@@ -22,9 +22,16 @@ pub struct Node {
 
 impl Node {
     pub fn start(url: &str, extra: &[&str]) -> Node {
+        Self::start_env(url, extra, &[])
+    }
+
+    /// [`Node::start`] with extra environment variables.
+    pub fn start_env(url: &str, extra: &[&str], env: &[(&str, &str)]) -> Node {
         let mut args = vec!["--cluster", url, "--shards", "2"];
         args.extend_from_slice(extra);
-        let (child, client, api) = spawn_binary(&args);
+        let mut cmd = loopback_broker(&args);
+        cmd.envs(env.iter().copied());
+        let (child, client, api) = spawn_logged(cmd);
         let node = Node { child: Some(child), client, api: api.parse().unwrap() };
         node.wait_ready_blocking();
         node
@@ -573,4 +580,45 @@ async fn a_node_that_loses_its_pubsub_connection_fills_the_gap_from_history_with
         assert!(Instant::now() < deadline, "node a never saw node b: {st}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `rediss://`: nodes reach Redis on its TLS port and verify its
+/// certificate against the trust store (here `SSL_CERT_FILE` names the
+/// test's self-signed certificate, as a deployment would name its CA).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_talks_to_redis_over_tls() {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let tls_port = free_port().to_string();
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let redis = Redis::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &cert,
+        "--tls-auth-clients",
+        "no",
+    ])
+    .await;
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    let env = [("SSL_CERT_FILE", cert.as_str())];
+    let (a, b) = (Node::start_env(&url, &[], &env), Node::start_env(&url, &[], &env));
+    let (mut ws, _) = a.connect("user=tls").await;
+    for i in 1..=3 {
+        b.publish_ok("tls", i).await;
+    }
+    assert_eq!(data_i(&next_events(&mut ws, 3).await), vec![1, 2, 3]);
+    // The nodes' connections are all on the TLS port; only this one is plain.
+    let clients = redis.cmd(&["CLIENT", "LIST"]).await;
+    let on = |port: &str| clients.matches(&format!("laddr=127.0.0.1:{port} ")).count();
+    assert!(on(&tls_port) >= 4, "two nodes' command and Pub/Sub connections: {clients}");
+    assert_eq!(on(&redis.port.to_string()), 1, "{clients}");
 }

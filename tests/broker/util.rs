@@ -239,7 +239,7 @@ pub fn spawn_binary(extra: &[&str]) -> (std::process::Child, String, String) {
 }
 
 /// The binary on ephemeral loopback ports, with `extra` flags.
-fn loopback_broker(extra: &[&str]) -> std::process::Command {
+pub fn loopback_broker(extra: &[&str]) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
     cmd.args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"]).args(extra);
     cmd
