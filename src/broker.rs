@@ -335,10 +335,13 @@ impl crate::cluster::live::Sink for ShardSink {
         };
         if let Some(user) = user {
             let s = shared.router.shard_for(user);
-            return shared.shards[s].push(shard::Command::Live(msg)).map_err(|(_, cmd)| match cmd {
-                shard::Command::Live(m) => m,
-                _ => unreachable!("the command pushed was a Live message"),
-            });
+            return match shared.shards[s].reserve(1) {
+                Ok(mut permit) => {
+                    permit.push(shard::Command::Live(msg));
+                    Ok(())
+                }
+                Err(_) => Err(msg),
+            };
         }
         let mut permits = Vec::with_capacity(shared.shards.len());
         for h in shared.shards.iter() {

@@ -116,9 +116,7 @@ pub async fn stats(shared: &Shared) -> serde_json::Value {
         })
         .collect();
     let store = shared.config.data.as_ref().map(|d| {
-        let sum = |f: &dyn Fn(&crate::metrics::ShardMetrics) -> u64| -> u64 {
-            shared.shards.iter().map(|h| f(&h.metrics)).sum()
-        };
+        let sum = |f: &dyn Fn(&crate::metrics::ShardMetrics) -> u64| sum_shards(shared, f);
         let (syncs, us) = (sum(&|m| read(&m.store_syncs)), sum(&|m| read(&m.store_sync_us)));
         serde_json::json!({
             "dir": d.dir.display().to_string(),
@@ -135,9 +133,7 @@ pub async fn stats(shared: &Shared) -> serde_json::Value {
         })
     });
     let cluster = shared.cluster.as_ref().map(|e| {
-        let sum = |f: &dyn Fn(&crate::metrics::ShardMetrics) -> u64| -> u64 {
-            shared.shards.iter().map(|h| f(&h.metrics)).sum()
-        };
+        let sum = |f: &dyn Fn(&crate::metrics::ShardMetrics) -> u64| sum_shards(shared, f);
         serde_json::json!({
             "node": e.node_id,
             "nodes_seen": e.nodes_seen(),
@@ -339,12 +335,15 @@ fn latency_histogram(out: &mut String, lat: &Latency) {
     }
 }
 
+/// One counter summed over every shard.
+fn sum_shards(shared: &Shared, f: &dyn Fn(&crate::metrics::ShardMetrics) -> u64) -> u64 {
+    shared.shards.iter().map(|h| f(&h.metrics)).sum()
+}
+
 /// Cluster mode: the engine's health and the shards' gap handling.
 fn cluster_metrics(out: &mut String, shared: &Shared) {
     let Some(e) = &shared.cluster else { return };
-    let sum = |f: &dyn Fn(&crate::metrics::ShardMetrics) -> u64| -> u64 {
-        shared.shards.iter().map(|h| f(&h.metrics)).sum()
-    };
+    let sum = |f: &dyn Fn(&crate::metrics::ShardMetrics) -> u64| sum_shards(shared, f);
     let rows: [(&str, &str, &str, f64); 6] = [
         (
             "cluster_engine_up",

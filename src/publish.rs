@@ -328,11 +328,10 @@ pub async fn publish_items(
     want_reply: bool,
     admission: Admission,
 ) -> Vec<Result<Published, PublishError>> {
+    let parsed = items.iter().map(|raw| parse_raw(shared, raw)).collect();
     if let Some(engine) = &shared.cluster {
-        let parsed = items.iter().map(|raw| parse_raw(shared, raw)).collect();
         return count_errors(shared, cluster_publish(engine, parsed, want_reply).await);
     }
-    let parsed = items.iter().map(|raw| parse_raw(shared, raw)).collect();
     let (routed, counts) = route(shared, parsed);
     let stepwise = admission == Admission::Wait || !counts.iter().all(|&n| n <= step_size(shared));
     // Stepwise items always carry acks: a step that could not be pushed

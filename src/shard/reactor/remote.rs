@@ -190,9 +190,16 @@ impl ShardCore {
         let contiguous = contiguous_tail(&s.events, s.seq);
         let first_fetched = contiguous.first().map_or(s.seq + 1, |e| e.seq);
         let local_first = user.history.first_seq().unwrap_or(user.applied + 1);
-        if user.applied == 0 && user.history.is_empty() || first_fetched <= local_first {
-            // The read covers everything held locally (or nothing is): it
-            // becomes the copy, plus any local events newer than the read.
+        // The read replaces the copy when it covers everything held here (or
+        // nothing is held), or when a hole lies between the two — which the
+        // live connections cannot get past, so they are closed to resume.
+        let covers = user.applied == 0 && user.history.is_empty() || first_fetched <= local_first;
+        let hole = !covers && first_fetched > user.applied + 1;
+        if hole {
+            self.close_live(user, "missed events are no longer in history; resume");
+        }
+        if covers || hole {
+            // Plus any local events newer than the read (none after a hole).
             let newer: Vec<Held> =
                 (s.seq + 1..=user.applied).filter_map(|q| user.history.get_seq(q).cloned()).collect();
             self.with_history(user, |h| h.clear());
@@ -202,23 +209,14 @@ impl ShardCore {
             for h in newer {
                 self.store_in_history(user_id, user, h);
             }
-            user.applied = user.applied.max(s.seq);
-        } else if first_fetched <= user.applied + 1 {
+        } else {
             let after = user.applied;
             for e in contiguous.iter().filter(|e| e.seq > after) {
                 user.applied = e.seq;
                 self.store_in_history(user_id, user, held_of(e, now));
             }
-            user.applied = user.applied.max(s.seq);
-        } else {
-            // A hole between what is held here and what Redis still has.
-            self.close_live(user, "missed events are no longer in history; resume");
-            self.with_history(user, |h| h.clear());
-            for e in contiguous {
-                self.store_in_history(user_id, user, held_of(e, now));
-            }
-            user.applied = s.seq;
         }
+        user.applied = user.applied.max(s.seq);
         user.seq = user.applied;
         user.touched = now;
     }
@@ -396,8 +394,7 @@ impl ShardCore {
     }
 
     /// Closes this node's connections named in `members` (4001).
-    fn evict(&self, _engine: &Arc<Engine>, user: &UserId, members: &[String]) {
-        let Some(engine) = self.engine() else { return };
+    fn evict(&self, engine: &Engine, user: &UserId, members: &[String]) {
         let users = self.users.borrow();
         let Some(u) = users.get(user) else { return };
         let conns = self.conns.borrow();
