@@ -220,34 +220,7 @@ fn chaos_clients_behind_loss_and_a_delaying_proxy_get_everything_once_in_order()
 
 #[test]
 fn chaos_a_client_whose_network_vanishes_is_closed_by_the_idle_timeout_and_freed() {
-    let mut lab = Lab::new();
-    let (pid, client, api) = lab.broker(&["--ping-interval", "200ms", "--idle-timeout", "1s"]);
-    eventually("the broker answers stats", || lab.stats(&api)["connections"] == 0);
-    let fds0 = fd_count(pid);
-    let idle = repo_file("tests/chaos/ws_idle_client.py");
-    assert_eq!(lab.helper(true, &["python3", &idle, &client, "ghost"]), "ready");
-    assert_eq!(lab.stats(&api)["connections"], 1);
-    // The client's link goes down: no FIN, no RST, nothing.
-    sh(&["ip", "-n", &lab.b, "link", "set", &lab.veth_b, "down"]);
-    eventually("the vanished client is closed", || lab.stats(&api)["connections"] == 0);
-    eventually("its file descriptor is freed", || fd_count(pid) <= fds0);
-    // The network comes back: a well-behaved client is served.
-    sh(&["ip", "-n", &lab.b, "link", "set", &lab.veth_b, "up"]);
-    let target = format!("ws://{client}");
-    let api_url = format!("http://{api}");
-    lab.load(&[
-        "run",
-        "--target",
-        &target,
-        "--api",
-        &api_url,
-        "--users",
-        "5",
-        "--rate",
-        "100",
-        "--duration",
-        "1s",
-    ]);
+    vanished_client_is_closed_and_freed("connections", "ws");
 }
 
 #[test]
@@ -255,15 +228,23 @@ fn chaos_an_sse_client_whose_network_vanishes_is_found_by_its_writes_and_freed()
     // An SSE client cannot send, so no idle timeout applies to it: the
     // broker finds it dead when its pings go unacknowledged (TCP_USER_TIMEOUT
     // set to --idle-timeout on client sockets).
+    vanished_client_is_closed_and_freed("sse_connections", "sse");
+}
+
+/// An idle client of `transport` (`tests/chaos/idle_client.py`, counted
+/// under `counter` in the stats) connects from the second namespace, then its link goes down — no FIN, no
+/// RST, nothing: the broker closes it and frees its file descriptor, and
+/// once the link is back well-behaved clients of that transport are served.
+fn vanished_client_is_closed_and_freed(counter: &str, transport: &str) {
     let mut lab = Lab::new();
     let (pid, client, api) = lab.broker(&["--ping-interval", "200ms", "--idle-timeout", "1s"]);
     eventually("the broker answers stats", || lab.stats(&api)["connections"] == 0);
     let fds0 = fd_count(pid);
-    let sse = repo_file("tests/chaos/sse_idle_client.py");
-    assert_eq!(lab.helper(true, &["python3", &sse, &client, "ghost"]), "ready");
-    assert_eq!(lab.stats(&api)["sse_connections"], 1);
+    let helper = repo_file("tests/chaos/idle_client.py");
+    assert_eq!(lab.helper(true, &["python3", &helper, &client, "ghost", transport]), "ready");
+    assert_eq!(lab.stats(&api)[counter], 1);
     sh(&["ip", "-n", &lab.b, "link", "set", &lab.veth_b, "down"]);
-    eventually("the vanished SSE client is closed", || lab.stats(&api)["connections"] == 0);
+    eventually("the vanished client is closed", || lab.stats(&api)["connections"] == 0);
     eventually("its file descriptor is freed", || fd_count(pid) <= fds0);
     sh(&["ip", "-n", &lab.b, "link", "set", &lab.veth_b, "up"]);
     let target = format!("ws://{client}");
@@ -281,7 +262,7 @@ fn chaos_an_sse_client_whose_network_vanishes_is_found_by_its_writes_and_freed()
         "--duration",
         "1s",
         "--transport",
-        "sse",
+        transport,
     ]);
 }
 
