@@ -228,11 +228,12 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     let api_open = listener::watchdog::OpenConnections::new(shared.config.api_max_connections);
 
     let mut threads = Vec::with_capacity(shared.shards.len());
+    let (started_tx, started) = std::sync::mpsc::channel();
     for id in 0..shared.shards.len() {
-        let shared = shared.clone();
+        let (shared, started_tx) = (shared.clone(), started_tx.clone());
         let t = std::thread::Builder::new()
             .name(format!("shard-{id}"))
-            .spawn(move || match shard::reactor::run(id, shared) {
+            .spawn(move || match shard::reactor::run(id, shared, started_tx) {
                 Ok(latency) => Some(latency),
                 Err(e) => {
                     tracing::error!(shard = id, error = %e, "shard failed to start");
@@ -241,6 +242,14 @@ pub fn start(config: Config) -> Result<Running, StartError> {
             })
             .map_err(StartError::Thread)?;
         threads.push(t);
+    }
+    drop(started_tx);
+    // Every shard's runtime exists before the API listener hands it
+    // connections (a shard that failed to build one has logged why).
+    for _ in 0..threads.len() {
+        if started.recv().is_err() {
+            break;
+        }
     }
 
     {

@@ -4,7 +4,7 @@
 //! lock-free ring, its counters, its published latency copy). It sits below
 //! the shared context and the shard itself, so both can name it.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -132,6 +132,10 @@ pub struct ShardHandle {
     /// The shard's latency histograms as of its last heartbeat, for
     /// `/metrics` (read without asking the shard).
     pub latency: ArcSwap<Latency>,
+    /// The shard thread's runtime, set once when the shard starts: the API
+    /// listener spawns each accepted connection onto a shard with it, so
+    /// publishers are served on the shard threads.
+    runtime: OnceLock<tokio::runtime::Handle>,
 }
 
 impl ShardHandle {
@@ -141,7 +145,18 @@ impl ShardHandle {
             ring: Ring::new(ring_capacity),
             metrics: ShardMetrics::default(),
             latency: ArcSwap::from_pointee(Latency::default()),
+            runtime: OnceLock::new(),
         }
+    }
+
+    /// Called by the shard thread once its runtime is built.
+    pub fn set_runtime(&self, rt: tokio::runtime::Handle) {
+        let _ = self.runtime.set(rt);
+    }
+
+    /// The shard thread's runtime, once it has started.
+    pub fn runtime(&self) -> Option<&tokio::runtime::Handle> {
+        self.runtime.get()
     }
 
     /// Reserves room for `n` commands, counting a refusal in `ring_full`.

@@ -5,15 +5,20 @@
 //! user IDs to shards, so the hot path never takes a lock. Each shard
 //! ([`shard`]) is an OS thread with a current-thread tokio runtime that
 //! exclusively owns its users: their seq counters, histories and connections.
-//! The listeners ([`listener`]) run on a separate I/O runtime; they parse and
-//! validate, look up the owning shard in the [`routing`] table, and push a
-//! command into that shard's ring. Client sockets are authenticated by the
-//! client listener and handed over to the owning shard, which finishes the
-//! upgrade.
+//! The listeners ([`listener`]) accept on a separate I/O runtime. An API
+//! connection (HTTP keep-alive or a `/v1/stream` publisher) is then handed to
+//! a shard thread (round-robin) and served there: its publishes are parsed
+//! and validated on that thread, looked up in the [`routing`] table, and
+//! pushed into the owning shard's ring — its own (no thread crossed; with
+//! `--shards 1` no event ever crosses a thread) or another's. Client sockets
+//! are authenticated by the client listener and handed over to the owning
+//! shard, which finishes the upgrade.
 //!
-//! **Data path.** publisher (HTTP or `/v1/stream`) → parse + validate
-//! (simd-json, [`protocol`]) → routing `load()` → reserve + push into the
-//! shard's ring ([`publish`]) → the shard assigns `seq`, encodes the frame once
+//! **Data path.** publisher (HTTP or `/v1/stream`, on a shard thread) →
+//! parse + validate in one pass ([`jsonscan`], [`protocol`]) → routing
+//! `load()` → reserve + push into the owning shard's ring ([`publish`]) → the
+//! shard (a pass takes up to 4,096 commands, ending early once a
+//! connection's queue is half full) assigns `seq`, encodes the frame once
 //! (WebSocket header included), appends it to the user's history and queues
 //! the same buffer on each of the user's connections ([`connection`]) → each
 //! connection's writer flushes everything queued with one vectored write →
@@ -58,9 +63,18 @@
 //! `ArcSwap::load`; everything a shard owns is `Rc`/`RefCell` on its own
 //! thread; counters are relaxed atomics; shutdown is a ring command (the
 //! shard polls no shared token, whose `CancellationToken` holds a mutex).
-//! Locks remain off that path only: the tokio runtimes' internals the
-//! listeners use, hyper's connection state, and the disk engine's syncer
-//! channel (flume), once per reactor pass, not per event. Publish results
+//! The API tasks on a shard register with the shutdown token once per
+//! connection, not per request or reply. Locks remain off the per-event
+//! path only, and how we know (read in the sources under
+//! `~/.cargo/registry`): tokio's current-thread scheduler takes its
+//! injection-queue mutex when a task is woken from *another* thread — a
+//! publish message wakes another shard's reactor at most once (one ring
+//! reservation per target shard per message, and only if that reactor is
+//! parked), and with `--shards 1` it never happens; hyper's connection
+//! internals (per request at most); a TLS publisher stream's halves share the session through
+//! tokio's `split` (a mutex per read or write, uncontended — a plain stream
+//! splits into tokio's lock-free owned halves); and the disk engine's syncer
+//! channel (flume), once per reactor pass. Publish results
 //! travel through one [`acks`] block per request (atomics and an
 //! `AtomicWaker`), not a channel per event. In cluster mode the path goes
 //! through the Redis client (redis-rs: its multiplexed connection queues

@@ -161,6 +161,11 @@ impl Conn {
         self.queue.borrow().depth()
     }
 
+    /// Half of a queue limit is taken (see [`OutQueue::half_full`]).
+    pub fn half_full(&self) -> bool {
+        self.queue.borrow().half_full()
+    }
+
     /// Bytes queued, control frames included.
     pub fn queued_bytes(&self) -> usize {
         self.queue.borrow().bytes()

@@ -98,6 +98,14 @@ impl OutQueue {
         self.events
     }
 
+    /// At least half of either limit is taken: the shard ends its pass so
+    /// this connection is written before more is queued for it (a burst
+    /// applied in one pass can then never shed events for a client that
+    /// keeps up).
+    pub fn half_full(&self) -> bool {
+        self.events * 2 >= self.limits.max_frames || self.bytes() * 2 >= self.limits.max_bytes
+    }
+
     /// Bytes queued, control frames included.
     pub fn bytes(&self) -> usize {
         self.event_bytes + self.control_bytes

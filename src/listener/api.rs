@@ -43,6 +43,7 @@ pub async fn serve(
     open: OpenConnections,
     shutdown: CancellationToken,
 ) {
+    let mut next_seat = Seats::default();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -62,8 +63,9 @@ pub async fn serve(
             tokio::spawn(refuse_over_limit(stream, tls.is_some()));
             continue;
         };
+        let seat = next_seat.next(&shared).cloned();
         let (shared, shutdown, tls) = (shared.clone(), shutdown.clone(), tls.clone());
-        tokio::spawn(async move {
+        let serve = |stream: TcpStream| async move {
             let head_deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
             match tls {
                 None => serve_connection(stream, shared, slot, shutdown).await,
@@ -73,7 +75,41 @@ pub async fn serve(
                     }
                 }
             }
-        });
+        };
+        match (seat, stream.into_std()) {
+            (Some(rt), Ok(std)) => {
+                rt.spawn(async move {
+                    // Registered with the shard's own reactor from here on.
+                    match TcpStream::from_std(std) {
+                        Ok(stream) => serve(stream).await,
+                        Err(e) => tracing::warn!(error = %e, "could not move an API connection to its shard"),
+                    }
+                });
+            }
+            (_, Ok(std)) => {
+                if let Ok(stream) = TcpStream::from_std(std) {
+                    tokio::spawn(serve(stream));
+                }
+            }
+            (_, Err(e)) => tracing::warn!(error = %e, "could not detach an API connection"),
+        }
+    }
+}
+
+/// Round-robin over the shards' runtimes. API connections are served on
+/// the shard threads: a publisher's items for that shard's users are
+/// applied on the thread that owns them (no cross-thread wake, and with
+/// `--shards 1` no event crosses a thread), and items for other shards go
+/// to their rings as from anywhere else.
+#[derive(Default)]
+struct Seats(usize);
+
+impl Seats {
+    fn next<'a>(&mut self, shared: &'a Shared) -> Option<&'a tokio::runtime::Handle> {
+        let n = shared.shards.len();
+        let h = shared.shards.get(self.0 % n.max(1))?;
+        self.0 = self.0.wrapping_add(1);
+        h.runtime()
     }
 }
 
@@ -116,14 +152,19 @@ where
     let tick = (cfg.handshake_timeout.min(cfg.idle_timeout) / 4)
         .clamp(Duration::from_millis(5), Duration::from_millis(500));
     let mut draining = false;
+    // Registered once, not per request: the token's waiter list is behind a mutex.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = &mut conn => return,
-            _ = shutdown.cancelled(), if !draining => {
+            _ = &mut cancelled, if !draining => {
                 conn.as_mut().graceful_shutdown();
                 draining = true;
             }
-            _ = tokio::time::sleep(tick) => {
+            _ = ticker.tick() => {
                 if activity.expired(tokio::time::Instant::now(), cfg.handshake_timeout, cfg.idle_timeout) {
                     return;
                 }

@@ -22,19 +22,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, WebSocketRead, WebSocketWrite};
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketRead, WebSocketWrite};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch;
 use crate::listener::reply::error;
-use crate::listener::watchdog::Slot;
+use crate::listener::watchdog::{Slot, Tracked};
 use crate::publish;
 use crate::shared::Shared;
 
@@ -79,20 +81,77 @@ pub fn upgrade(
                 return;
             }
         };
-        run(ws, &shared, acks, shutdown).await;
+        match split(ws) {
+            Halves::Plain(rd, wr) => run(rd, wr, &shared, acks, shutdown).await,
+            Halves::Shared(rd, wr) => run(rd, wr, &shared, acks, shutdown).await,
+        }
         drop(slot);
     });
     let (parts, _) = resp.into_parts();
     Response::from_parts(parts, Full::new(Bytes::new()))
 }
 
-async fn run(ws: fastwebsockets::WebSocket<Io>, shared: &Shared, acks: bool, shutdown: CancellationToken) {
-    let mut ws = ws;
-    ws.set_auto_close(true);
-    ws.set_auto_pong(true);
+/// The stream's two halves: a plain TCP socket splits into tokio's owned
+/// halves (no lock: the reader and writer share nothing but the socket); a
+/// TLS session is one state machine and shares it through tokio's `split`
+/// (a mutex, uncontended: both halves are polled by the same task).
+enum Halves {
+    Plain(WebSocketRead<Prefixed>, WebSocketWrite<OwnedWriteHalf>),
+    Shared(WebSocketRead<ReadHalf<Io>>, WebSocketWrite<WriteHalf<Io>>),
+}
+
+fn split(ws: fastwebsockets::WebSocket<Io>) -> Halves {
+    match ws.into_inner().into_inner().downcast::<TokioIo<Tracked<TcpStream>>>() {
+        Ok(parts) => {
+            let (r, w) = parts.io.into_inner().into_inner().into_split();
+            let read = Prefixed { head: parts.read_buf, rest: r };
+            let (rd, wr) = fastwebsockets::after_handshake_split(read, w, Role::Server);
+            Halves::Plain(rd, wr)
+        }
+        Err(upgraded) => {
+            let ws = fastwebsockets::WebSocket::after_handshake(TokioIo::new(upgraded), Role::Server);
+            let (rd, wr) = ws.split(tokio::io::split);
+            Halves::Shared(rd, wr)
+        }
+    }
+}
+
+/// The read half of a plain stream: first the bytes hyper read past the
+/// upgrade request, then the socket.
+struct Prefixed {
+    head: Bytes,
+    rest: OwnedReadHalf,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.head.is_empty() {
+            let n = self.head.len().min(buf.remaining());
+            buf.put_slice(&self.head.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.rest).poll_read(cx, buf)
+    }
+}
+
+async fn run<R, W>(
+    mut rd: WebSocketRead<R>,
+    wr: WebSocketWrite<W>,
+    shared: &Shared,
+    acks: bool,
+    shutdown: CancellationToken,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    rd.set_auto_close(true);
+    rd.set_auto_pong(true);
     // fastwebsockets refuses a frame when `len >= max`, so allow exactly the limit.
-    ws.set_max_message_size(max_message(shared) + 1);
-    let (rd, wr) = ws.split(tokio::io::split);
+    rd.set_max_message_size(max_message(shared) + 1);
     let (tx, rx) = mpsc::channel::<Out>(16);
     let start = tokio::time::Instant::now();
     // Milliseconds after `start` of the last frame received (any kind).
@@ -110,8 +169,8 @@ async fn run(ws: fastwebsockets::WebSocket<Io>, shared: &Shared, acks: bool, shu
 }
 
 /// Reads, reassembles and applies messages until the stream ends.
-async fn read_loop(
-    mut rd: WebSocketRead<ReadHalf<Io>>,
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut rd: WebSocketRead<R>,
     shared: &Shared,
     acks: bool,
     tx: mpsc::Sender<Out>,
@@ -202,8 +261,8 @@ async fn read_loop(
 
 /// Sends replies and pings; closes idle publishers and, at shutdown, sends
 /// 1001 (the reader keeps applying until the publisher answers it).
-async fn write_loop(
-    mut wr: WebSocketWrite<WriteHalf<Io>>,
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: WebSocketWrite<W>,
     shared: &Shared,
     mut rx: mpsc::Receiver<Out>,
     shutdown: CancellationToken,
@@ -215,6 +274,9 @@ async fn write_loop(
     let idle_check = (cfg.idle_timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
     let mut idle = tokio::time::interval_at(start + idle_check, idle_check);
     let mut close_sent = false;
+    // Registered once, not per reply: the token's waiter list is behind a mutex.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let out = tokio::select! {
             m = rx.recv() => match m {
@@ -232,7 +294,7 @@ async fn write_loop(
                 }
                 Out::Close(4002, "idle timeout")
             }
-            _ = shutdown.cancelled(), if !close_sent => {
+            _ = &mut cancelled, if !close_sent => {
                 close_sent = true;
                 let f = Frame::close(1001, b"server shutting down");
                 if tokio::time::timeout(CLOSE_WRITE_TIMEOUT, wr.write_frame(f)).await.is_err() {

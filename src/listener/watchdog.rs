@@ -117,6 +117,11 @@ impl<I> Tracked<I> {
     pub fn new(inner: I, activity: Arc<Activity>) -> Self {
         Tracked { inner, activity }
     }
+
+    /// The I/O object, no longer tracked (after an upgrade).
+    pub fn into_inner(self) -> I {
+        self.inner
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {

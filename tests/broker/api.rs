@@ -129,6 +129,19 @@ async fn stream_with_acks() {
 }
 
 #[tokio::test]
+async fn a_stream_frame_sent_with_the_upgrade_request_is_applied() {
+    let b = TestBroker::start();
+    let (mut client, _) = b.connect("early").await;
+    let mut s = tokio::net::TcpStream::connect(b.api).await.unwrap();
+    let body = json!({"user": "early", "event": "first"}).to_string();
+    let got = stream_publish_raw(&mut s, b.api_key.as_deref(), &body).await;
+    assert!(got.starts_with("HTTP/1.1 101"), "{got}");
+    assert!(got.contains("{\"type\":\"ack\",\"results\":[{\"seq\":1,\"delivered\":1}]}"), "{got}");
+    assert_eq!(next_events(&mut client, 1).await[0]["event"], "first");
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn stream_without_acks_reports_only_failures() {
     let b = TestBroker::start();
     let (mut client, _) = b.connect("q").await;

@@ -327,7 +327,7 @@ async fn bad_event_name_stores_nothing() {
 
 /// Regression: a burst bigger than `--max-queue` applied by the shard in one
 /// pass used to overflow the queue of a client that keeps up, shedding events
-/// it would have read. Passes are now capped at half the queue.
+/// it would have read. A pass now ends once a connection's queue is half full.
 #[tokio::test]
 async fn regression_burst_over_max_queue_is_not_shed_for_a_reader() {
     let b = TestBroker::with(|c| {

@@ -181,6 +181,12 @@ async fn api_over_tls_with_api_tls_flags() {
     let resp = String::from_utf8_lossy(&resp);
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert_eq!(next_events(&mut ws, 1).await[0]["event"], "over_tls");
+    // A publisher stream over TLS, its first frame in the request's packet.
+    let mut tls = tls_connect(b.api, &cert).await;
+    let body = json!({"user": "apitls", "event": "streamed_over_tls"}).to_string();
+    let got = stream_publish_raw(&mut tls, b.api_key.as_deref(), &body).await;
+    assert!(got.contains("{\"seq\":2,\"delivered\":1}"), "{got}");
+    assert_eq!(next_events(&mut ws, 1).await[0]["event"], "streamed_over_tls");
     // Plain HTTP on the TLS listener gets no answer, and breaks nothing.
     let mut plain = TcpStream::connect(b.api).await.expect("connect");
     plain.write_all(b"GET /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");

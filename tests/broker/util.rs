@@ -336,3 +336,32 @@ pub fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
     out
 }
+
+/// Sends a publisher-stream upgrade (`?acks=1`) and one publish frame in a
+/// single write — the frame arrives in the same packet as the request head,
+/// so the broker must hand the bytes it read past the head to the stream —
+/// and returns everything read up to and including the ack.
+pub async fn stream_publish_raw<S>(s: &mut S, api_key: Option<&str>, body: &str) -> String
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let auth = api_key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let mut out = format!(
+        "GET /v1/stream?acks=1 HTTP/1.1\r\nHost: localhost\r\n{auth}Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .into_bytes();
+    out.extend_from_slice(&masked_frame(0x1, body.as_bytes()));
+    s.write_all(&out).await.expect("write");
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !String::from_utf8_lossy(&got).contains("\"type\":\"ack\"") {
+        let mut chunk = [0u8; 4096];
+        let n =
+            tokio::time::timeout_at(deadline, s.read(&mut chunk)).await.expect("ack in time").expect("read");
+        assert!(n > 0, "stream ended: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
