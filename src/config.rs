@@ -46,7 +46,8 @@ pub struct Flags {
     #[arg(long, env = "SWITCHYARD_SHARDS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub shards: Option<u16>,
 
-    /// Threads serving the listeners (HTTP parsing, publish validation).
+    /// Threads accepting on the listeners and running client handshakes (API
+    /// connections are served on the shard threads).
     #[arg(long, env = "SWITCHYARD_IO_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub io_threads: u16,
 

@@ -202,7 +202,7 @@ pub const ITEM_ERROR_CODES: [&str; 10] = [
 /// HTTP statuses counted for API responses that were errors.
 pub const ERROR_STATUSES: [u16; 8] = [400, 401, 404, 405, 413, 426, 503, 0];
 
-/// API error counters, written by the I/O threads (off the shard hot path).
+/// API error counters, written by whichever thread serves the API connection.
 pub struct ApiErrors {
     by_code: [CachePadded<AtomicU64>; ITEM_ERROR_CODES.len()],
     by_status: [CachePadded<AtomicU64>; ERROR_STATUSES.len()],

@@ -753,7 +753,14 @@ async fn publisher_task(
             Some(ws) => ws,
             None => reconnect_stream(&api, run.common.api_key.as_deref(), !run.common.no_acks).await?,
         };
-        let (mut sink, mut stream) = ws.split();
+        let (mut sink, stream) = ws.split();
+        // Replies are read by a task of their own, so they keep being read
+        // while a send waits for socket room: a publisher that stopped
+        // reading acks whenever it blocked on a send would stall the broker's
+        // reply writer and, with it, its own stream (both sides' buffers full).
+        let (acks_tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
+        let reader = tokio::spawn(read_replies(stream, acks_tx));
+        let _stop_reader = AbortOnDrop(reader);
         let failure = 'stream: {
             for u in pending.iter_mut() {
                 if let Err(e) = sink.send(Message::text(u.frame.clone())).await {
@@ -790,19 +797,17 @@ async fn publisher_task(
                         }
                         Err(_) => input_done = true,
                     },
-                    m = stream.next() => match m {
-                        Some(Ok(Message::Text(t))) => {
-                            let ack: Value = serde_json::from_str(&t)?;
-                            let results = ack["results"].as_array().ok_or_else(|| anyhow!("unexpected reply {ack}"))?;
+                    m = acks.recv() => match m {
+                        Some(Ok(applied)) => {
                             let acked = pending.pop_front().ok_or_else(|| anyhow!("an ack for no frame"))?;
-                            for (u, r) in acked.users.iter().zip(results) {
-                                if r.get("seq").is_some() {
+                            for (u, ok) in acked.users.iter().zip(applied) {
+                                if ok {
                                     run.sent[*u].fetch_add(1, Ordering::Relaxed);
                                 }
                             }
                         }
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => break 'stream anyhow!("publisher stream failed: {e}"),
+                        Some(Err(ReplyError::Unexpected(e))) => return Err(e),
+                        Some(Err(ReplyError::Stream(e))) => break 'stream e,
                         None => break 'stream anyhow!("publisher stream closed"),
                     },
                     _ = tokio::time::sleep_until(ack_due.unwrap_or_else(Instant::now).into()), if ack_due.is_some() => {
@@ -816,6 +821,50 @@ async fn publisher_task(
         }
         run.retries.fetch_add(1, Ordering::Relaxed);
         eprintln!("publisher: {failure}; resending {} frames on a new stream", pending.len());
+    }
+}
+
+/// Why a publisher stream's replies stopped.
+enum ReplyError {
+    /// A reply the generator does not understand: the run fails.
+    Unexpected(anyhow::Error),
+    /// The stream failed or closed: reconnect (with `--retry-timeout`).
+    Stream(anyhow::Error),
+}
+
+/// Reads a publisher stream's acks: for each, which items were applied.
+async fn read_replies(
+    mut stream: futures_util::stream::SplitStream<Ws>,
+    out: tokio::sync::mpsc::UnboundedSender<Result<Vec<bool>, ReplyError>>,
+) {
+    let end = loop {
+        match stream.next().await {
+            Some(Ok(Message::Text(t))) => {
+                let applied = serde_json::from_str::<Value>(&t)
+                    .ok()
+                    .and_then(|ack| {
+                        ack["results"].as_array().map(|rs| rs.iter().map(|r| r.get("seq").is_some()).collect())
+                    })
+                    .ok_or_else(|| ReplyError::Unexpected(anyhow!("unexpected reply {t}")));
+                let failed = applied.is_err();
+                if out.send(applied).is_err() || failed {
+                    return;
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => break anyhow!("publisher stream failed: {e}"),
+            None => break anyhow!("publisher stream closed"),
+        }
+    };
+    let _ = out.send(Err(ReplyError::Stream(end)));
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
