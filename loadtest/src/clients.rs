@@ -1,0 +1,273 @@
+//! The receiving side: client connections over WebSocket, SSE or NATS,
+//! each checking every event it gets; churn and reconnects with resume.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use switchyard_load::check::ConnCheck;
+use switchyard_load::sse::SseConn;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::MaybeTlsStream;
+
+use crate::args::{Common, Peer};
+use crate::shared::{broadcast_source, user_name, ws_config, Run, Ws, EVERYONE};
+
+/// A client connection over either transport.
+pub(crate) enum Conn {
+    Ws(Box<Ws>),
+    Sse(SseConn),
+    Nats(Box<switchyard_load::nats::NatsConn>),
+}
+
+impl Conn {
+    /// The next text message (a WebSocket text frame, an SSE message's data);
+    /// `None` when the connection ended.
+    pub(crate) async fn next_text(&mut self) -> Option<String> {
+        match self {
+            Conn::Ws(ws) => loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => return Some(t.to_string()),
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => return None,
+                }
+            },
+            Conn::Sse(s) => s.next().await.map(|m| m.data),
+            Conn::Nats(n) => n.next().await,
+        }
+    }
+
+    pub(crate) async fn close(&mut self) {
+        match self {
+            Conn::Ws(ws) => {
+                let _ = SinkExt::close(ws).await;
+            }
+            Conn::Sse(s) => s.close().await,
+            Conn::Nats(n) => n.close().await,
+        }
+    }
+}
+
+pub(crate) fn mint_token(secret: &str, user: &str) -> anyhow::Result<String> {
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 3600;
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": user, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+/// Opens one client connection (optionally resuming) and reads its welcome.
+pub(crate) async fn connect(
+    target: &str,
+    common: &Common,
+    user: usize,
+    index: usize,
+    resume: Option<(u64, &str)>,
+) -> anyhow::Result<(Conn, Value)> {
+    let name = user_name(user);
+    let sse = common.transport.sse_for(index);
+    let path = if sse { "/sse" } else { "/ws" };
+    let mut query = match &common.jwt_secret {
+        Some(s) => format!("{path}?token={}", mint_token(s, &name)?),
+        None => format!("{path}?user={name}"),
+    };
+    // WebSockets resume with since/epoch; SSE the way a browser does, with Last-Event-ID.
+    let last_event_id = resume.filter(|_| sse).map(|(since, epoch)| format!("{epoch}:{since}"));
+    if let Some((since, epoch)) = resume.filter(|_| !sse) {
+        query.push_str(&format!("&since={since}&epoch={epoch}"));
+    }
+    let host = target.trim_start_matches("ws://");
+    let addr: SocketAddr =
+        tokio::net::lookup_host(host).await?.next().ok_or_else(|| anyhow!("cannot resolve {host}"))?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    if common.source_ips > 1 {
+        let ip = Ipv4Addr::new(127, 0, 0, 1 + (index % common.source_ips as usize) as u8);
+        socket.bind(SocketAddr::new(IpAddr::V4(ip), 0))?;
+    }
+    let stream = socket.connect(addr).await?;
+    let _ = stream.set_nodelay(true);
+    if common.peer == Peer::Nats {
+        let conn = switchyard_load::nats::NatsConn::open(stream, target, &name).await?;
+        return Ok((Conn::Nats(Box::new(conn)), json!({"type": "welcome", "seq": 0, "epoch": ""})));
+    }
+    let mut conn = if sse {
+        Conn::Sse(SseConn::open(stream, &query, last_event_id.as_deref()).await?)
+    } else {
+        let url = format!("{target}{query}");
+        let (ws, _) = tokio_tungstenite::client_async_with_config(
+            url,
+            MaybeTlsStream::Plain(stream),
+            Some(ws_config()),
+        )
+        .await?;
+        Conn::Ws(Box::new(ws))
+    };
+    let welcome = match tokio::time::timeout(Duration::from_secs(10), conn.next_text()).await {
+        Ok(Some(t)) => serde_json::from_str::<Value>(&t)?,
+        Ok(None) => bail!("closed before welcome"),
+        Err(_) => bail!("no welcome within 10s"),
+    };
+    if welcome["type"] != "welcome" {
+        bail!("first frame was not welcome: {welcome}");
+    }
+    Ok((conn, welcome))
+}
+
+/// One logical client connection: reads, checks, records latency, churns.
+pub(crate) async fn client_task(
+    run: Arc<Run>,
+    user: usize,
+    index: usize,
+    slow: bool,
+    mut ws: Conn,
+    welcome: Value,
+) -> ConnCheck {
+    let name = user_name(user);
+    let mut epoch = welcome["epoch"].as_str().unwrap_or_default().to_string();
+    let mut check = ConnCheck::after(welcome["seq"].as_u64().unwrap_or(0));
+    let mut lat = Vec::with_capacity(256);
+    let conns = (run.common.users * run.common.conns_per_user) as f64;
+    let churn_mean = if run.common.churn > 0.0 { Some(conns / run.common.churn) } else { None };
+    let next_churn = |rng: &mut fastrand::Rng| {
+        churn_mean.map(|m| Instant::now() + Duration::from_secs_f64(-m * (1.0 - rng.f64()).ln()))
+    };
+    let mut rng = fastrand::Rng::with_seed(index as u64);
+    let mut churn_at = next_churn(&mut rng);
+    let mut stopped = run.stopped.subscribe();
+    // Reconnects go to the next node each time (one node: the same one).
+    let mut hops = 0;
+    let mut next_target = || {
+        hops += 1;
+        run.targets[(index + hops) % run.targets.len()].clone()
+    };
+    loop {
+        if run.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let churn_sleep = async {
+            match churn_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = stopped.changed() => break,
+            msg = ws.next_text() => match msg {
+                Some(t) => {
+                    let Ok(ev) = serde_json::from_str::<EventFrame<'_>>(&t) else { continue };
+                    if ev.ty != "event" { continue }
+                    let Some(d) = ev.data else { continue };
+                    let lane = match ev.priority { "high" => 0, "low" => 2, _ => 1 };
+                    let (own, lane) = if d.u == EVERYONE {
+                        (EVERYONE, lane + 3 * broadcast_source(d.n, run.common.publishers))
+                    } else {
+                        (name.as_str(), lane)
+                    };
+                    check.observe(own, d.u, ev.seq, d.n, lane);
+                    run.received.fetch_add(1, Ordering::Relaxed);
+                    let now_us = run.start.elapsed().as_micros() as u64;
+                    if d.t >= run.measure_from_us.load(Ordering::Relaxed) {
+                        lat.push(now_us.saturating_sub(d.t));
+                    }
+                    if lat.len() == 256 {
+                        let _ = run.latency_tx.send(std::mem::replace(&mut lat, Vec::with_capacity(256)));
+                    }
+                    if slow {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                None => {
+                    // Dropped by the broker (e.g. 1013 for a slow reader): resume.
+                    let target = next_target();
+                    if !reconnect(&run, &target, user, index, &mut ws, &mut epoch, &mut check).await { break }
+                }
+            },
+            _ = churn_sleep => {
+                ws.close().await;
+                let target = next_target();
+                if !reconnect(&run, &target, user, index, &mut ws, &mut epoch, &mut check).await { break }
+                churn_at = next_churn(&mut rng);
+            }
+        }
+    }
+    let _ = run.latency_tx.send(lat);
+    ws.close().await;
+    check
+}
+
+pub(crate) async fn reconnect(
+    run: &Run,
+    target: &str,
+    user: usize,
+    index: usize,
+    ws: &mut Conn,
+    epoch: &mut String,
+    check: &mut ConnCheck,
+) -> bool {
+    match connect_retrying(target, &run.common, user, index, Some((check.resume_point(), epoch)), 50).await {
+        Ok((new_ws, welcome)) => {
+            run.resumes.fetch_add(1, Ordering::Relaxed);
+            if welcome["recovered"] != true {
+                run.resume_failed.fetch_add(1, Ordering::Relaxed);
+            }
+            *epoch = welcome["epoch"].as_str().unwrap_or_default().to_string();
+            *ws = new_ws;
+            check.resumed();
+            true
+        }
+        Err(_) => {
+            run.resume_failed.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+}
+
+/// [`connect`], tried up to `attempts` times (each bounded to 10 s, 20 ms
+/// apart); the last error if none succeeds.
+pub(crate) async fn connect_retrying(
+    target: &str,
+    common: &Common,
+    user: usize,
+    index: usize,
+    resume: Option<(u64, &str)>,
+    attempts: usize,
+) -> anyhow::Result<(Conn, Value)> {
+    let mut last = anyhow!("no connection attempt");
+    for _ in 0..attempts.max(1) {
+        match tokio::time::timeout(Duration::from_secs(10), connect(target, common, user, index, resume))
+            .await
+        {
+            Ok(Ok(c)) => return Ok(c),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = anyhow!("no connection within 10 s"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(last)
+}
+
+/// The fields of an event frame the checker needs (borrowed, no allocation).
+#[derive(serde::Deserialize)]
+pub(crate) struct EventFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    pub(crate) ty: &'a str,
+    #[serde(default)]
+    pub(crate) seq: u64,
+    #[serde(default, borrow)]
+    pub(crate) priority: &'a str,
+    #[serde(default, borrow)]
+    pub(crate) data: Option<EventData<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+pub(crate) struct EventData<'a> {
+    #[serde(borrow)]
+    pub(crate) u: &'a str,
+    pub(crate) n: u64,
+    pub(crate) t: u64,
+}

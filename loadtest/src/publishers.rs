@@ -1,0 +1,411 @@
+//! The publishing side: the open-loop schedule, publisher streams (acks
+//! read by a task of their own, retries with ids), broadcasters, and
+//! nats-server publishers.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::args::{Plan, PRIORITIES};
+use crate::shared::{broadcast_source, user_name, ws_config, Run, Ws, EVERYONE};
+
+/// One event handed to a publisher.
+pub(crate) struct Outgoing {
+    pub(crate) user: usize,
+    pub(crate) line: String,
+}
+
+/// One publish object (or, for `user == None`, broadcast object).
+/// Formatted directly (names and events are plain ASCII with nothing to
+/// escape): JSON building is the load generator's hottest path at high rates.
+pub(crate) fn event_line(
+    user: Option<usize>,
+    nonce: u64,
+    intended_us: u64,
+    event: &str,
+    priority: &str,
+    pad: usize,
+    with_id: bool,
+) -> String {
+    let name = user.map_or_else(|| EVERYONE.to_string(), user_name);
+    let mut s = String::with_capacity(128 + pad);
+    s.push('{');
+    if with_id {
+        s.push_str(&format!("\"id\":\"e{nonce}\","));
+    }
+    if user.is_some() {
+        s.push_str("\"user\":\"");
+        s.push_str(&name);
+        s.push_str("\",");
+    }
+    s.push_str("\"event\":\"");
+    s.push_str(event);
+    s.push_str("\",\"priority\":\"");
+    s.push_str(priority);
+    s.push_str("\",\"data\":{\"u\":\"");
+    s.push_str(&name);
+    s.push_str(&format!("\",\"n\":{nonce},\"t\":{intended_us},\"p\":\""));
+    s.extend(std::iter::repeat_n('x', pad));
+    s.push_str("\"}}");
+    s
+}
+
+/// Feeds publishers on the open-loop schedule; returns events scheduled.
+pub(crate) async fn schedule(run: &Run, plan: &Plan, pubs: &[flume::Sender<Outgoing>], t0: Instant) -> u64 {
+    let users = run.common.users;
+    // Receivers measure against `run.start`; intended times are relative to `t0`.
+    let base_us = t0.duration_since(run.start).as_micros() as u64;
+    let mut nonce = 0u64;
+    let mut rng = fastrand::Rng::with_seed(7);
+    match plan {
+        Plan::Rate { per_sec, duration, payload, mix, broadcast } => {
+            let total_w: u32 = mix.iter().sum();
+            loop {
+                let intended = match per_sec {
+                    Some(r) => Duration::from_secs_f64(nonce as f64 / r),
+                    None => t0.elapsed(),
+                };
+                if intended >= *duration + run.common.warmup {
+                    break;
+                }
+                wait_until(t0 + intended, run.common.spin_pacing).await;
+                let user = rng.usize(..users);
+                let mut pick = rng.u32(..total_w);
+                let mut prio = 0;
+                while pick >= mix[prio] {
+                    pick -= mix[prio];
+                    prio += 1;
+                }
+                let intended_us = base_us + intended.as_micros() as u64;
+                let target = (!broadcast).then_some(user);
+                let with_id = run.common.retry_timeout.is_some();
+                let line =
+                    event_line(target, nonce, intended_us, "load", PRIORITIES[prio], *payload, with_id);
+                // A user's events all go through one publisher (so they stay in
+                // order); broadcasts rotate, and the checker orders each source.
+                let slot = if *broadcast { broadcast_source(nonce, pubs.len()) } else { user % pubs.len() };
+                nonce += 1;
+                if pubs[slot].send_async(Outgoing { user, line }).await.is_err() {
+                    break;
+                }
+            }
+        }
+        Plan::Trace { events, planned } => {
+            for p in planned {
+                wait_until(t0 + p.at, run.common.spin_pacing).await;
+                let ev = &events[p.event];
+                let intended_us = base_us + p.at.as_micros() as u64;
+                let with_id = run.common.retry_timeout.is_some();
+                let line =
+                    event_line(Some(p.user), nonce, intended_us, &ev.event, &ev.priority, ev.bytes, with_id);
+                nonce += 1;
+                if pubs[p.user % pubs.len()].send_async(Outgoing { user: p.user, line }).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    nonce
+}
+
+/// Waits until `at`. Without `spin`: sleeps if it is more than a millisecond
+/// away, else returns at once (bursts go out back to back and the publisher
+/// batches them). With `spin`: sleeps (timer resolution is a millisecond)
+/// until just before it, then spins the last stretch (yielding, so clients
+/// on this thread keep reading), so sub-millisecond gaps are paced.
+pub(crate) async fn wait_until(at: Instant, spin: bool) {
+    if !spin {
+        if at > Instant::now() + Duration::from_millis(1) {
+            tokio::time::sleep_until(at.into()).await;
+        }
+        return;
+    }
+    const SPIN: Duration = Duration::from_micros(1500);
+    if let Some(sleep_to) = at.checked_sub(SPIN).filter(|t| *t > Instant::now()) {
+        tokio::time::sleep_until(sleep_to.into()).await;
+    }
+    while Instant::now() < at {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A frame sent on a publisher stream and not yet acked.
+pub(crate) struct Unacked {
+    pub(crate) frame: String,
+    pub(crate) users: Vec<usize>,
+    pub(crate) sent_at: Instant,
+}
+
+/// How long a publisher keeps trying to open a new stream after a failure.
+pub(crate) const RECONNECT_FOR: Duration = Duration::from_secs(30);
+
+/// One publisher stream: batches queued events into NDJSON frames and counts
+/// acks. With `--retry-timeout`, a frame not acked in time (or a failed
+/// stream) makes it open a new stream and send every unacked frame again, in
+/// order; the events' ids make the broker apply each once.
+pub(crate) async fn publisher_task(
+    run: Arc<Run>,
+    api: String,
+    first: Ws,
+    rx: flume::Receiver<Outgoing>,
+) -> anyhow::Result<()> {
+    let retry = run.common.retry_timeout;
+    let mut pending: std::collections::VecDeque<Unacked> = std::collections::VecDeque::new();
+    let mut next_ws = Some(first);
+    let mut input_done = false;
+    loop {
+        let ws = match next_ws.take() {
+            Some(ws) => ws,
+            None => reconnect_stream(&api, run.common.api_key.as_deref(), !run.common.no_acks).await?,
+        };
+        let (mut sink, stream) = ws.split();
+        // Replies are read by a task of their own, so they keep being read
+        // while a send waits for socket room: a publisher that stopped
+        // reading acks whenever it blocked on a send would stall the broker's
+        // reply writer and, with it, its own stream (both sides' buffers full).
+        let (acks_tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
+        let reader = tokio::spawn(read_replies(stream, acks_tx));
+        let _stop_reader = AbortOnDrop(reader);
+        let failure = 'stream: {
+            for u in pending.iter_mut() {
+                if let Err(e) = sink.send(Message::text(u.frame.clone())).await {
+                    break 'stream anyhow!("publisher resend: {e}");
+                }
+                u.sent_at = Instant::now();
+            }
+            loop {
+                if input_done && pending.is_empty() {
+                    let _ = sink.close().await;
+                    return Ok(());
+                }
+                let ack_due = pending.front().zip(retry).map(|(u, r)| u.sent_at + r);
+                tokio::select! {
+                    o = rx.recv_async(), if !input_done => match o {
+                        Ok(first) => {
+                            let (frame, users) = next_frame(first, &rx);
+                            if run.common.no_acks {
+                                // Fire-and-forget: written is sent (the broker
+                                // reports a refused item with an error frame).
+                                if let Err(e) = sink.send(Message::text(frame)).await {
+                                    return Err(anyhow!("publisher send: {e}"));
+                                }
+                                for u in &users {
+                                    run.sent[*u].fetch_add(1, Ordering::Relaxed);
+                                }
+                                continue;
+                            }
+                            if let Err(e) = sink.send(Message::text(frame.clone())).await {
+                                pending.push_back(Unacked { frame, users, sent_at: Instant::now() });
+                                break 'stream anyhow!("publisher send: {e}");
+                            }
+                            pending.push_back(Unacked { frame, users, sent_at: Instant::now() });
+                        }
+                        Err(_) => input_done = true,
+                    },
+                    m = acks.recv() => match m {
+                        Some(Ok(applied)) => {
+                            let acked = pending.pop_front().ok_or_else(|| anyhow!("an ack for no frame"))?;
+                            for (u, ok) in acked.users.iter().zip(applied) {
+                                if ok {
+                                    run.sent[*u].fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        Some(Err(ReplyError::Unexpected(e))) => return Err(e),
+                        Some(Err(ReplyError::Stream(e))) => break 'stream e,
+                        None => break 'stream anyhow!("publisher stream closed"),
+                    },
+                    _ = tokio::time::sleep_until(ack_due.unwrap_or_else(Instant::now).into()), if ack_due.is_some() => {
+                        break 'stream anyhow!("no ack within --retry-timeout");
+                    }
+                }
+            }
+        };
+        if retry.is_none() {
+            return Err(failure);
+        }
+        run.retries.fetch_add(1, Ordering::Relaxed);
+        eprintln!("publisher: {failure}; resending {} frames on a new stream", pending.len());
+    }
+}
+
+/// Why a publisher stream's replies stopped.
+pub(crate) enum ReplyError {
+    /// A reply the generator does not understand: the run fails.
+    Unexpected(anyhow::Error),
+    /// The stream failed or closed: reconnect (with `--retry-timeout`).
+    Stream(anyhow::Error),
+}
+
+/// Reads a publisher stream's acks: for each, which items were applied.
+pub(crate) async fn read_replies(
+    mut stream: futures_util::stream::SplitStream<Ws>,
+    out: tokio::sync::mpsc::UnboundedSender<Result<Vec<bool>, ReplyError>>,
+) {
+    let end = loop {
+        match stream.next().await {
+            Some(Ok(Message::Text(t))) => {
+                let applied = serde_json::from_str::<Value>(&t)
+                    .ok()
+                    .and_then(|ack| {
+                        ack["results"]
+                            .as_array()
+                            .map(|rs| rs.iter().map(|r| r.get("seq").is_some()).collect())
+                    })
+                    .ok_or_else(|| ReplyError::Unexpected(anyhow!("unexpected reply {t}")));
+                let failed = applied.is_err();
+                if out.send(applied).is_err() || failed {
+                    return;
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => break anyhow!("publisher stream failed: {e}"),
+            None => break anyhow!("publisher stream closed"),
+        }
+    };
+    let _ = out.send(Err(ReplyError::Stream(end)));
+}
+
+/// Aborts a task when dropped.
+pub(crate) struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One nats-server publisher: writes each batch of queued events (up to
+/// 1,000) as `PUB`s in one write, fire-and-forget; at the end, a PING/PONG
+/// makes sure the server has read everything. Payloads are event frames
+/// with a per-user seq (see `switchyard_load::nats`).
+pub(crate) async fn nats_publisher_task(
+    run: Arc<Run>,
+    mut publisher: switchyard_load::nats::NatsPublisher,
+    rx: flume::Receiver<Outgoing>,
+) -> anyhow::Result<()> {
+    let mut seqs: std::collections::HashMap<usize, u64> = std::collections::HashMap::new();
+    while let Ok(first) = rx.recv_async().await {
+        let mut batch = vec![first];
+        while batch.len() < 1000 {
+            match rx.try_recv() {
+                Ok(o) => batch.push(o),
+                Err(_) => break,
+            }
+        }
+        for o in &batch {
+            let seq = seqs.entry(o.user).or_insert(0);
+            *seq += 1;
+            // The publish object's fields plus type and seq: an event frame.
+            let payload = format!("{{\"type\":\"event\",\"seq\":{seq},{}", &o.line[1..]);
+            publisher.queue(&user_name(o.user), payload.as_bytes());
+        }
+        publisher.flush().await?;
+        for o in &batch {
+            run.sent[o.user].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    publisher.sync().await
+}
+
+/// Takes `first` and whatever else is queued (up to 1,000 events) as one NDJSON frame.
+pub(crate) fn next_frame(first: Outgoing, rx: &flume::Receiver<Outgoing>) -> (String, Vec<usize>) {
+    let mut users = vec![first.user];
+    let mut frame = first.line;
+    while users.len() < 1000 {
+        match rx.try_recv() {
+            Ok(o) => {
+                frame.push('\n');
+                frame.push_str(&o.line);
+                users.push(o.user);
+            }
+            Err(_) => break,
+        }
+    }
+    (frame, users)
+}
+
+/// Opens a new publisher stream, retrying for up to [`RECONNECT_FOR`].
+pub(crate) async fn reconnect_stream(api: &str, key: Option<&str>, acks: bool) -> anyhow::Result<Ws> {
+    let deadline = Instant::now() + RECONNECT_FOR;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), connect_stream(api, key, acks)).await {
+            Ok(Ok(ws)) => return Ok(ws),
+            Ok(Err(e)) if Instant::now() >= deadline => return Err(e.context("reopening a publisher stream")),
+            Err(_) if Instant::now() >= deadline => bail!("reopening a publisher stream timed out"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Broadcasts one at a time over a keep-alive HTTP/1.1 connection, so the
+/// broker applies this broadcaster's events in schedule order; counts the
+/// accepted ones.
+pub(crate) async fn broadcaster_task(
+    run: Arc<Run>,
+    api: String,
+    rx: flume::Receiver<Outgoing>,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let host = api.trim_start_matches("http://").to_string();
+    let stream = TcpStream::connect(&host).await.with_context(|| format!("connecting to {host}"))?;
+    let _ = stream.set_nodelay(true);
+    let mut conn = BufReader::new(stream);
+    let auth =
+        run.common.api_key.as_deref().map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let mut line = String::new();
+    while let Ok(o) = rx.recv_async().await {
+        let head = format!(
+            "POST /v1/broadcast HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            o.line.len()
+        );
+        conn.get_mut().write_all(head.as_bytes()).await?;
+        conn.get_mut().write_all(o.line.as_bytes()).await?;
+        // Status line, headers (Content-Length), body.
+        line.clear();
+        conn.read_line(&mut line).await?;
+        let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut body_len = 0usize;
+        loop {
+            line.clear();
+            if conn.read_line(&mut line).await? == 0 {
+                bail!("broadcast connection closed");
+            }
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = header.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    body_len = v.trim().parse().context("bad Content-Length")?;
+                }
+            }
+        }
+        let mut body = vec![0u8; body_len];
+        conn.read_exact(&mut body).await?;
+        if status == 200 {
+            run.broadcasts.fetch_add(1, Ordering::Relaxed);
+        } else if status != 503 {
+            bail!("broadcast answered {status}: {}", String::from_utf8_lossy(&body));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn connect_stream(api: &str, key: Option<&str>, acks: bool) -> anyhow::Result<Ws> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let query = if acks { "?acks=1" } else { "" };
+    let url = format!("{}/v1/stream{query}", api.replacen("http", "ws", 1));
+    let mut req = url.into_client_request()?;
+    if let Some(k) = key {
+        req.headers_mut().insert("authorization", format!("Bearer {k}").parse()?);
+    }
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(ws_config()), true).await?;
+    Ok(ws)
+}

@@ -1,0 +1,63 @@
+//! What every task of a run shares: the run's state and counters, the
+//! naming both sides of the check agree on (users, broadcast sources), and
+//! the WebSocket settings.
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Instant;
+
+use switchyard_load::check::MAX_SOURCES;
+use tokio::net::TcpStream;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::args::Common;
+
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Shared run state.
+pub(crate) struct Run {
+    pub(crate) common: Common,
+    pub(crate) start: Instant,
+    /// Events the broker accepted, per user.
+    pub(crate) sent: Vec<AtomicU64>,
+    /// Broadcasts the broker accepted (owed to every connection).
+    pub(crate) broadcasts: AtomicU64,
+    pub(crate) received: AtomicU64,
+    pub(crate) stop: AtomicBool,
+    /// Fires when the run ends, so idle clients need no polling timer.
+    pub(crate) stopped: tokio::sync::watch::Sender<bool>,
+    pub(crate) resumes: AtomicU64,
+    pub(crate) resume_failed: AtomicU64,
+    /// Publisher streams replaced after an ack timeout or a failure.
+    pub(crate) retries: AtomicU64,
+    pub(crate) latency_tx: flume::Sender<Vec<u64>>,
+    /// Microseconds after `start` at which the measured window opens (set
+    /// when publishing starts); earlier events are not sampled for latency.
+    pub(crate) measure_from_us: AtomicU64,
+    /// The client listeners of the nodes (`--target`, split).
+    pub(crate) targets: Vec<String>,
+}
+
+/// Splits a comma-separated listener list, without trailing slashes.
+pub(crate) fn node_list(raw: &str) -> Vec<String> {
+    raw.split(',').map(|s| s.trim().trim_end_matches('/').to_string()).filter(|s| !s.is_empty()).collect()
+}
+
+pub(crate) fn user_name(i: usize) -> String {
+    format!("load-{i}")
+}
+
+/// The `u` of a broadcast event's data: owed to every connection.
+pub(crate) const EVERYONE: &str = "*";
+
+/// Which broadcaster sends the broadcast with this nonce.
+pub(crate) fn broadcast_source(nonce: u64, sources: usize) -> usize {
+    (nonce % sources.clamp(1, MAX_SOURCES) as u64) as usize
+}
+
+/// Client WebSocket settings. tungstenite zero-fills its whole read buffer
+/// (128 KiB by default) before every socket read; with thousands of
+/// connections each reading small frames that memset was 37% of the load
+/// generator's CPU (perf), so the buffer is kept small.
+pub(crate) fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 * 1024)
+}
