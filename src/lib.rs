@@ -55,7 +55,7 @@
 //! protocol, sse     wire vocabulary and framing (encode once)
 //! jsonscan, acks,   one-pass JSON validation (no tree); one result block per
 //! ring, config,     publish request; the lock-free ring; flags
-//! redact, wsframe, fdlimit
+//! redact, wsframe, fdlimit, hugepages
 //! ```
 //!
 //! **No lock on the per-event path.** The rings are crossbeam's `ArrayQueue`
@@ -92,6 +92,7 @@ pub mod connection;
 pub mod engine;
 pub mod fdlimit;
 pub mod histdump;
+pub mod hugepages;
 pub mod inbox;
 pub mod jsonscan;
 pub mod listener;

@@ -18,6 +18,9 @@ fn main() -> ExitCode {
     }
     let flags = Flags::parse(); // exits 2 with a message naming the flag on bad values
     init_logs(flags.log_format);
+    if !switchyard::hugepages::disable() {
+        tracing::debug!("could not turn transparent huge pages off; page faults may stall a shard");
+    }
     let config = match Config::from_flags(flags) {
         Ok(c) => c,
         Err(e) => {

@@ -88,6 +88,9 @@ fn main() -> anyhow::Result<()> {
 /// Plenty of sockets (root may raise the hard limit), else the hard limit.
 fn raise_fd_limit() {
     switchyard::fdlimit::raise(1 << 20);
+    // Where THP is `always`, a page fault that zeroes a 2 MiB huge page would
+    // stall a client task and count as the broker's latency.
+    switchyard::hugepages::disable();
 }
 
 async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
