@@ -163,3 +163,16 @@ fn check_config_validates_like_start_up_without_listening() {
         );
     }
 }
+
+/// The broker turns transparent huge pages off for itself (a fault on a
+/// fresh 2 MiB huge page stalled a shard ~5 ms: PERFORMANCE.md).
+#[test]
+fn the_broker_runs_without_transparent_huge_pages() {
+    let (mut child, _, _) = spawn_binary(&[]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).expect("proc status");
+    let _ = child.kill();
+    let _ = child.wait();
+    let line =
+        status.lines().find(|l| l.starts_with("THP_enabled:")).expect("the kernel reports THP_enabled");
+    assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+}
