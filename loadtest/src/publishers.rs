@@ -2,13 +2,13 @@
 //! read by a task of their own, retries with ids), broadcasters, and
 //! nats-server publishers.
 
+use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -37,7 +37,7 @@ pub(crate) fn event_line(
     let mut s = String::with_capacity(128 + pad);
     s.push('{');
     if with_id {
-        s.push_str(&format!("\"id\":\"e{nonce}\","));
+        let _ = write!(s, "\"id\":\"e{nonce}\",");
     }
     if user.is_some() {
         s.push_str("\"user\":\"");
@@ -50,8 +50,16 @@ pub(crate) fn event_line(
     s.push_str(priority);
     s.push_str("\",\"data\":{\"u\":\"");
     s.push_str(&name);
-    s.push_str(&format!("\",\"n\":{nonce},\"t\":{intended_us},\"p\":\""));
-    s.extend(std::iter::repeat_n('x', pad));
+    let _ = write!(s, "\",\"n\":{nonce},\"t\":{intended_us},\"p\":\"");
+    // The padding in slices, not a char at a time (that was 7% of the
+    // generator's CPU at 100 users, max rate).
+    const XS: &str = "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
+    let mut left = pad;
+    while left > 0 {
+        let n = left.min(XS.len());
+        s.push_str(&XS[..n]);
+        left -= n;
+    }
     s.push_str("\"}}");
     s
 }
@@ -235,6 +243,19 @@ pub(crate) async fn publisher_task(
     }
 }
 
+/// A publisher stream's ack: which items were applied (those with a seq).
+#[derive(serde::Deserialize)]
+struct AckFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: &'a str,
+    results: Vec<AckItem>,
+}
+
+#[derive(serde::Deserialize)]
+struct AckItem {
+    seq: Option<u64>,
+}
+
 /// Why a publisher stream's replies stopped.
 pub(crate) enum ReplyError {
     /// A reply the generator does not understand: the run fails.
@@ -251,13 +272,12 @@ pub(crate) async fn read_replies(
     let end = loop {
         match stream.next().await {
             Some(Ok(Message::Text(t))) => {
-                let applied = serde_json::from_str::<Value>(&t)
+                // Typed and borrowed (a `Value` tree per ack cost the
+                // generator several % of its CPU at max rate).
+                let applied = serde_json::from_str::<AckFrame>(&t)
                     .ok()
-                    .and_then(|ack| {
-                        ack["results"]
-                            .as_array()
-                            .map(|rs| rs.iter().map(|r| r.get("seq").is_some()).collect())
-                    })
+                    .filter(|a| a.ty == "ack")
+                    .map(|a| a.results.iter().map(|r| r.seq.is_some()).collect())
                     .ok_or_else(|| ReplyError::Unexpected(anyhow!("unexpected reply {t}")));
                 let failed = applied.is_err();
                 if out.send(applied).is_err() || failed {
