@@ -179,7 +179,7 @@ pub(crate) async fn publisher_task(
         // reply writer and, with it, its own stream (both sides' buffers full).
         let (acks_tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
         let reader = tokio::spawn(read_replies(stream, acks_tx));
-        let _stop_reader = AbortOnDrop(reader);
+        let _stop_reader = tokio_util::task::AbortOnDropHandle::new(reader);
         let failure = 'stream: {
             for u in pending.iter_mut() {
                 if let Err(e) = sink.send(Message::text(u.frame.clone())).await {
@@ -290,15 +290,6 @@ pub(crate) async fn read_replies(
         }
     };
     let _ = out.send(Err(ReplyError::Stream(end)));
-}
-
-/// Aborts a task when dropped.
-pub(crate) struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// One nats-server publisher: writes each batch of queued events (up to

@@ -76,8 +76,12 @@ pub async fn serve(
                 }
             }
         };
-        match (seat, stream.into_std()) {
-            (Some(rt), Ok(std)) => {
+        let Some(rt) = seat else {
+            tokio::spawn(serve(stream)); // no shard runtime (one failed to start): serve here
+            continue;
+        };
+        match stream.into_std() {
+            Ok(std) => {
                 rt.spawn(async move {
                     // Registered with the shard's own reactor from here on.
                     match TcpStream::from_std(std) {
@@ -86,12 +90,7 @@ pub async fn serve(
                     }
                 });
             }
-            (_, Ok(std)) => {
-                if let Ok(stream) = TcpStream::from_std(std) {
-                    tokio::spawn(serve(stream));
-                }
-            }
-            (_, Err(e)) => tracing::warn!(error = %e, "could not detach an API connection"),
+            Err(e) => tracing::warn!(error = %e, "could not detach an API connection"),
         }
     }
 }

@@ -17,6 +17,7 @@
 //! every message that arrives before the publisher's answering close — so
 //! the closing handshake tells the publisher exactly what was taken.
 
+use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +29,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Chain, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -96,7 +97,9 @@ pub fn upgrade(
 /// TLS session is one state machine and shares it through tokio's `split`
 /// (a mutex, uncontended: both halves are polled by the same task).
 enum Halves {
-    Plain(WebSocketRead<Prefixed>, WebSocketWrite<OwnedWriteHalf>),
+    /// The read half replays first the bytes hyper read past the upgrade
+    /// request, then reads the socket.
+    Plain(WebSocketRead<Chain<Cursor<Bytes>, OwnedReadHalf>>, WebSocketWrite<OwnedWriteHalf>),
     Shared(WebSocketRead<ReadHalf<Io>>, WebSocketWrite<WriteHalf<Io>>),
 }
 
@@ -104,7 +107,7 @@ fn split(ws: fastwebsockets::WebSocket<Io>) -> Halves {
     match ws.into_inner().into_inner().downcast::<TokioIo<Tracked<TcpStream>>>() {
         Ok(parts) => {
             let (r, w) = parts.io.into_inner().into_inner().into_split();
-            let read = Prefixed { head: parts.read_buf, rest: r };
+            let read = Cursor::new(parts.read_buf).chain(r);
             let (rd, wr) = fastwebsockets::after_handshake_split(read, w, Role::Server);
             Halves::Plain(rd, wr)
         }
@@ -113,28 +116,6 @@ fn split(ws: fastwebsockets::WebSocket<Io>) -> Halves {
             let (rd, wr) = ws.split(tokio::io::split);
             Halves::Shared(rd, wr)
         }
-    }
-}
-
-/// The read half of a plain stream: first the bytes hyper read past the
-/// upgrade request, then the socket.
-struct Prefixed {
-    head: Bytes,
-    rest: OwnedReadHalf,
-}
-
-impl AsyncRead for Prefixed {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if !self.head.is_empty() {
-            let n = self.head.len().min(buf.remaining());
-            buf.put_slice(&self.head.split_to(n));
-            return std::task::Poll::Ready(Ok(()));
-        }
-        std::pin::Pin::new(&mut self.rest).poll_read(cx, buf)
     }
 }
 
