@@ -36,6 +36,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch;
+use crate::listener::readcap::ReadCap;
 use crate::listener::reply::error;
 use crate::listener::watchdog::{Slot, Tracked};
 use crate::publish;
@@ -99,21 +100,21 @@ pub fn upgrade(
 enum Halves {
     /// The read half replays first the bytes hyper read past the upgrade
     /// request, then reads the socket.
-    Plain(WebSocketRead<Chain<Cursor<Bytes>, OwnedReadHalf>>, WebSocketWrite<OwnedWriteHalf>),
-    Shared(WebSocketRead<ReadHalf<Io>>, WebSocketWrite<WriteHalf<Io>>),
+    Plain(WebSocketRead<ReadCap<Chain<Cursor<Bytes>, OwnedReadHalf>>>, WebSocketWrite<OwnedWriteHalf>),
+    Shared(WebSocketRead<ReadCap<ReadHalf<Io>>>, WebSocketWrite<WriteHalf<Io>>),
 }
 
 fn split(ws: fastwebsockets::WebSocket<Io>) -> Halves {
     match ws.into_inner().into_inner().downcast::<TokioIo<Tracked<TcpStream>>>() {
         Ok(parts) => {
             let (r, w) = parts.io.into_inner().into_inner().into_split();
-            let read = Cursor::new(parts.read_buf).chain(r);
+            let read = ReadCap::new(Cursor::new(parts.read_buf).chain(r));
             let (rd, wr) = fastwebsockets::after_handshake_split(read, w, Role::Server);
             Halves::Plain(rd, wr)
         }
         Err(upgraded) => {
-            let ws = fastwebsockets::WebSocket::after_handshake(TokioIo::new(upgraded), Role::Server);
-            let (rd, wr) = ws.split(tokio::io::split);
+            let (r, w) = tokio::io::split(TokioIo::new(upgraded));
+            let (rd, wr) = fastwebsockets::after_handshake_split(ReadCap::new(r), w, Role::Server);
             Halves::Shared(rd, wr)
         }
     }
