@@ -133,8 +133,24 @@ fn step_size(shared: &Shared) -> usize {
 /// rest of it is answered 503 (only a shard stalled that long does this).
 const STEP_WAIT: Duration = Duration::from_secs(5);
 
-/// A parsed item with the shard of each of its users, in target order.
-type Routed = Result<(PublishRequest, Vec<usize>), PublishError>;
+/// The shard of each of an item's users, in target order; a single user
+/// (the common case) needs no list.
+enum Shards {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+impl Shards {
+    fn as_slice(&self) -> &[usize] {
+        match self {
+            Shards::One(s) => std::slice::from_ref(s),
+            Shards::Many(v) => v,
+        }
+    }
+}
+
+/// A parsed item with the shard of each of its users.
+type Routed = Result<(PublishRequest, Shards), PublishError>;
 
 /// Routes every target once; also returns how many commands each shard gets.
 fn route(shared: &Shared, items: Vec<Result<PublishRequest, PublishError>>) -> (Vec<Routed>, Vec<usize>) {
@@ -143,11 +159,11 @@ fn route(shared: &Shared, items: Vec<Result<PublishRequest, PublishError>>) -> (
         .into_iter()
         .map(|r| {
             r.map(|req| {
-                let shards: Vec<usize> = match &req.target {
-                    Target::One(u) => vec![shared.router.shard_for(u)],
-                    Target::Many(us) => us.iter().map(|u| shared.router.shard_for(u)).collect(),
+                let shards = match &req.target {
+                    Target::One(u) => Shards::One(shared.router.shard_for(u)),
+                    Target::Many(us) => Shards::Many(us.iter().map(|u| shared.router.shard_for(u)).collect()),
                 };
-                shards.iter().for_each(|&s| counts[s] += 1);
+                shards.as_slice().iter().for_each(|&s| counts[s] += 1);
                 (req, shards)
             })
         })
@@ -155,27 +171,70 @@ fn route(shared: &Shared, items: Vec<Result<PublishRequest, PublishError>>) -> (
     (routed, counts)
 }
 
-/// A publish split for its users: whether it was a `users` list, its users
-/// in order, and what each user's command shares.
-fn split(req: PublishRequest) -> (bool, Vec<UserId>, Arc<PreparedEvent>, Option<Arc<str>>) {
-    match req.target {
-        Target::One(u) => (false, vec![u], req.event, req.id),
-        Target::Many(us) => (true, us, req.event, req.id),
-    }
+/// What every command of one request shares.
+struct Stamp {
+    accepted: Instant,
+    ts_ms: u64,
 }
 
-/// An item's replies to wait for: one, or one per user of a `users` list.
-fn pending_of(many: bool, mut pending: Vec<(UserId, Option<usize>)>) -> Pending {
-    if many {
-        Pending::Many(pending)
-    } else {
-        Pending::One(pending.pop().and_then(|(_, slot)| slot))
+/// Turns an item into one command per user, in target order, handing each
+/// to `push` with its shard; slots of `acks` are taken from `next_slot` on.
+/// Returns the replies to wait for. A single-user item moves its parts into
+/// its command (no clone, no list).
+fn commands(
+    req: PublishRequest,
+    shards: &Shards,
+    stamp: &Stamp,
+    acks: Option<&Arc<Acks>>,
+    next_slot: &mut usize,
+    mut push: impl FnMut(usize, PublishCmd),
+) -> Pending {
+    let mut take_slot = || {
+        let slot = *next_slot;
+        *next_slot += 1;
+        (acks.map(|_| slot), acks.map(|a| a.ack(slot)))
+    };
+    match (req.target, shards) {
+        (Target::One(user), Shards::One(s)) => {
+            let (mine, reply) = take_slot();
+            let cmd = PublishCmd {
+                user,
+                event: req.event,
+                accepted: stamp.accepted,
+                ts_ms: stamp.ts_ms,
+                id: req.id,
+                reply,
+            };
+            push(*s, cmd);
+            Pending::One(mine)
+        }
+        (target, shards) => {
+            let users = match target {
+                Target::One(u) => vec![u],
+                Target::Many(us) => us,
+            };
+            let mut pending = Vec::with_capacity(users.len());
+            for (user, &s) in users.into_iter().zip(shards.as_slice()) {
+                let (mine, reply) = take_slot();
+                let cmd = PublishCmd {
+                    user: user.clone(),
+                    event: req.event.clone(),
+                    accepted: stamp.accepted,
+                    ts_ms: stamp.ts_ms,
+                    id: req.id.clone(),
+                    reply,
+                };
+                push(s, cmd);
+                pending.push((user, mine));
+            }
+            Pending::Many(pending)
+        }
     }
 }
 
 /// Commands (one per user of every item) a request will submit.
 fn command_count(items: &[Routed]) -> usize {
-    items.iter().map(|r| r.as_ref().map_or(0, |(_, shards)| shards.len())).sum()
+    items.iter().map(|r| r.as_ref().map_or(0, |(_, shards)| shards.as_slice().len())).sum()
 }
 
 /// Submits items too large for one reservation: commands are buffered per
@@ -187,12 +246,14 @@ async fn submit_stepwise(
     items: Vec<Routed>,
     acks: &Arc<Acks>,
 ) -> Vec<Result<Pending, PublishError>> {
-    let accepted = Instant::now();
+    let stamp = Stamp { accepted: Instant::now(), ts_ms: unix_ms() };
     let mut slot = 0;
-    let ts_ms = unix_ms();
     let step = step_size(shared);
     let deadline = tokio::time::Instant::now() + STEP_WAIT;
     let mut buffers: Vec<Vec<Command>> = (0..shared.shards.len()).map(|_| Vec::new()).collect();
+    // One item's commands, pushed into the buffers one at a time so that no
+    // buffer ever holds more than a step (a `users` list may be long).
+    let mut item_cmds: Vec<(usize, PublishCmd)> = Vec::new();
     let mut out = Vec::with_capacity(items.len());
     for item in items {
         let (req, shards) = match item {
@@ -202,25 +263,15 @@ async fn submit_stepwise(
                 continue;
             }
         };
-        let (many, users, event, id) = split(req);
-        let mut pending = Vec::with_capacity(users.len());
-        for (user, s) in users.into_iter().zip(shards) {
-            let cmd = PublishCmd {
-                user: user.clone(),
-                event: event.clone(),
-                accepted,
-                ts_ms,
-                id: id.clone(),
-                reply: Some(acks.ack(slot)),
-            };
+        let pending =
+            commands(req, &shards, &stamp, Some(acks), &mut slot, |s, cmd| item_cmds.push((s, cmd)));
+        for (s, cmd) in item_cmds.drain(..) {
             buffers[s].push(Command::Publish(cmd));
-            pending.push((user, Some(slot)));
-            slot += 1;
             if buffers[s].len() >= step {
                 push_step(shared, s, &mut buffers[s], deadline).await;
             }
         }
-        out.push(Ok(pending_of(many, pending)));
+        out.push(Ok(pending));
     }
     for (s, buf) in buffers.iter_mut().enumerate() {
         push_step(shared, s, buf, deadline).await;
@@ -263,8 +314,7 @@ fn submit_all(
     counts: &[usize],
     acks: Option<&Arc<Acks>>,
 ) -> Vec<Result<Pending, PublishError>> {
-    let accepted = Instant::now();
-    let ts_ms = unix_ms();
+    let stamp = Stamp { accepted: Instant::now(), ts_ms: unix_ms() };
     let mut slot = 0;
     // One reservation per shard; a shard that cannot take it all takes nothing.
     let mut permits: Vec<Option<Permit<'_, Command>>> = counts
@@ -276,29 +326,14 @@ fn submit_all(
         .into_iter()
         .map(|r| {
             let (req, shards) = r?;
-            if shards.iter().any(|&s| permits[s].is_none()) {
+            if shards.as_slice().iter().any(|&s| permits[s].is_none()) {
                 return Err(PublishError::Overloaded);
             }
-            let (many, users, event, id) = split(req);
-            let mut pending = Vec::with_capacity(users.len());
-            for (user, s) in users.into_iter().zip(shards) {
-                let mine = acks.map(|_| slot);
-                let reply = acks.map(|a| a.ack(slot));
-                slot += 1;
+            Ok(commands(req, &shards, &stamp, acks, &mut slot, |s, cmd| {
                 if let Some(p) = permits[s].as_mut() {
-                    let cmd = PublishCmd {
-                        user: user.clone(),
-                        event: event.clone(),
-                        accepted,
-                        ts_ms,
-                        id: id.clone(),
-                        reply,
-                    };
                     p.push(Command::Publish(cmd));
                 }
-                pending.push((user, mine));
-            }
-            Ok(pending_of(many, pending))
+            }))
         })
         .collect();
     drop(permits); // wakes each shard once

@@ -127,6 +127,10 @@ pub struct ShardCore {
     enforce_budget_later: Cell<bool>,
     /// A connection's queue reached half of a limit during this pass.
     pass_full: Cell<bool>,
+    /// The time the current pass began: publishes stamp history entries and
+    /// new users with it (one clock read per pass, not per event; TTLs are
+    /// coarser than a pass).
+    pass_clock: Cell<Instant>,
 }
 
 impl ShardCore {
@@ -145,6 +149,7 @@ impl ShardCore {
             regressions: RefCell::new(Vec::new()),
             enforce_budget_later: Cell::new(false),
             pass_full: Cell::new(false),
+            pass_clock: Cell::new(Instant::now()),
             shared,
         }
     }
@@ -204,8 +209,14 @@ impl ShardCore {
         None
     }
 
+    /// A pass over the ring begins.
+    fn start_pass(&self) {
+        self.pass_full.set(false);
+        self.pass_clock.set(Instant::now());
+    }
+
     fn publish(&self, p: PublishCmd) {
-        let now = Instant::now();
+        let now = self.pass_clock.get();
         let mut users = self.users.borrow_mut();
         let user = users.entry(p.user.clone()).or_insert_with(|| self.new_user(&p.user, now));
         if let Some(id) = &p.id {
@@ -978,6 +989,7 @@ pub fn run(id: usize, shared: Arc<Shared>, started: std::sync::mpsc::Sender<()>)
         // bounded by the deadline (a stalled client cannot hold shutdown).
         // Late commands are still applied, so nobody waits on a dropped reply.
         while core.connection_count() > 0 && Instant::now() < deadline {
+            core.start_pass();
             while let Some(cmd) = core.handle().ring.pop() {
                 core.apply(cmd);
             }
@@ -996,7 +1008,7 @@ async fn drain_ring(core: &Rc<ShardCore>) -> Instant {
     loop {
         std::future::poll_fn(|cx| ring.poll_ready(cx)).await;
         let mut n = 0;
-        core.pass_full.set(false);
+        core.start_pass();
         while let Some(cmd) = ring.pop() {
             if let Some(deadline) = core.apply(cmd) {
                 core.commit_pass();
