@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::{json, Value};
 use switchyard_load::check::ConnCheck;
 use switchyard_load::sse::SseConn;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::MaybeTlsStream;
 
 use crate::args::{Common, Peer};
@@ -26,18 +26,19 @@ pub(crate) enum Conn {
 
 impl Conn {
     /// The next text message (a WebSocket text frame, an SSE message's data);
-    /// `None` when the connection ended.
-    pub(crate) async fn next_text(&mut self) -> Option<String> {
+    /// `None` when the connection ended. A WebSocket message is handed over
+    /// as tungstenite read it (no copy).
+    pub(crate) async fn next_text(&mut self) -> Option<Utf8Bytes> {
         match self {
             Conn::Ws(ws) => loop {
                 match ws.next().await {
-                    Some(Ok(Message::Text(t))) => return Some(t.to_string()),
+                    Some(Ok(Message::Text(t))) => return Some(t),
                     Some(Ok(_)) => continue,
                     Some(Err(_)) | None => return None,
                 }
             },
-            Conn::Sse(s) => s.next().await.map(|m| m.data),
-            Conn::Nats(n) => n.next().await,
+            Conn::Sse(s) => s.next().await.map(|m| m.data.into()),
+            Conn::Nats(n) => n.next().await.map(Utf8Bytes::from),
         }
     }
 
@@ -159,23 +160,18 @@ pub(crate) async fn client_task(
             _ = stopped.changed() => break,
             msg = ws.next_text() => match msg {
                 Some(t) => {
-                    let Ok(ev) = serde_json::from_str::<EventFrame<'_>>(&t) else { continue };
-                    if ev.ty != "event" { continue }
-                    let Some(d) = ev.data else { continue };
-                    let lane = match ev.priority { "high" => 0, "low" => 2, _ => 1 };
-                    let (own, lane) = if d.u == EVERYONE {
-                        (EVERYONE, lane + 3 * broadcast_source(d.n, run.common.publishers))
-                    } else {
-                        (name.as_str(), lane)
-                    };
-                    check.observe(own, d.u, ev.seq, d.n, lane);
-                    run.received.fetch_add(1, Ordering::Relaxed);
+                    // One clock read for this frame and those already read
+                    // behind it (up to BURST, taken without waiting): they
+                    // were all here when the clock was read.
                     let now_us = run.start.elapsed().as_micros() as u64;
-                    if d.t >= run.measure_from_us.load(Ordering::Relaxed) {
-                        lat.push(now_us.saturating_sub(d.t));
-                    }
-                    if lat.len() == 256 {
-                        let _ = run.latency_tx.send(std::mem::replace(&mut lat, Vec::with_capacity(256)));
+                    let mut next = Some(t);
+                    let mut n = 0;
+                    while let Some(t) = next.take() {
+                        received(&run, &t, &name, now_us, &mut check, &mut lat);
+                        n += 1;
+                        if n < BURST {
+                            next = ws.next_text().now_or_never().flatten();
+                        }
                     }
                     if slow {
                         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -198,6 +194,37 @@ pub(crate) async fn client_task(
     let _ = run.latency_tx.send(lat);
     ws.close().await;
     check
+}
+
+/// Frames a client takes in one go after waking (see the receive loop).
+const BURST: usize = 16;
+
+/// Checks one received frame and records its latency (`now_us`: when it was
+/// in hand, on the run's clock).
+fn received(run: &Run, t: &str, name: &str, now_us: u64, check: &mut ConnCheck, lat: &mut Vec<u64>) {
+    let Ok(ev) = serde_json::from_str::<EventFrame<'_>>(t) else { return };
+    if ev.ty != "event" {
+        return;
+    }
+    let Some(d) = ev.data else { return };
+    let lane = match ev.priority {
+        "high" => 0,
+        "low" => 2,
+        _ => 1,
+    };
+    let (own, lane) = if d.u == EVERYONE {
+        (EVERYONE, lane + 3 * broadcast_source(d.n, run.common.publishers))
+    } else {
+        (name, lane)
+    };
+    check.observe(own, d.u, ev.seq, d.n, lane);
+    run.received.fetch_add(1, Ordering::Relaxed);
+    if d.t >= run.measure_from_us.load(Ordering::Relaxed) {
+        lat.push(now_us.saturating_sub(d.t));
+    }
+    if lat.len() == 256 {
+        let _ = run.latency_tx.send(std::mem::replace(lat, Vec::with_capacity(256)));
+    }
 }
 
 pub(crate) async fn reconnect(

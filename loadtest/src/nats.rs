@@ -29,6 +29,10 @@ pub struct NatsConn {
     buf: Vec<u8>,
     /// Parsed payloads not yet handed out.
     ready: std::collections::VecDeque<String>,
+    /// A server PING not yet answered: sent before the next read, so a
+    /// read cancelled mid-way (the client polls without waiting) never
+    /// loses the answer.
+    pong_due: bool,
 }
 
 impl NatsConn {
@@ -37,7 +41,7 @@ impl NatsConn {
     /// after this returns is missed.
     pub async fn open(stream: TcpStream, url: &str, user: &str) -> anyhow::Result<NatsConn> {
         let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await?;
-        let mut c = NatsConn { ws, buf: Vec::new(), ready: Default::default() };
+        let mut c = NatsConn { ws, buf: Vec::new(), ready: Default::default(), pong_due: false };
         let hello = format!(
             "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1}}\r\nSUB {} 1\r\nPING\r\n",
             subject(user)
@@ -71,6 +75,10 @@ impl NatsConn {
 
     /// Reads one frame and parses what it completes; answers server PINGs.
     async fn read_more(&mut self) -> anyhow::Result<Option<Line>> {
+        if self.pong_due {
+            self.ws.send(Message::binary(b"PONG\r\n".to_vec())).await?;
+            self.pong_due = false;
+        }
         let data = match self.ws.next().await {
             Some(Ok(Message::Binary(b))) => b.to_vec(),
             Some(Ok(Message::Text(t))) => t.as_bytes().to_vec(),
@@ -84,9 +92,7 @@ impl NatsConn {
             self.buf.drain(..used);
             match line {
                 Parsed::Msg(p) => self.ready.push_back(p),
-                Parsed::Ping => {
-                    self.ws.send(Message::binary(b"PONG\r\n".to_vec())).await?;
-                }
+                Parsed::Ping => self.pong_due = true,
                 Parsed::Pong => last = Line::Pong,
                 Parsed::Other => {}
             }

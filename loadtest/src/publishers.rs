@@ -82,7 +82,9 @@ pub(crate) async fn schedule(run: &Run, plan: &Plan, pubs: &[flume::Sender<Outgo
                 if intended >= *duration + run.common.warmup {
                     break;
                 }
-                wait_until(t0 + intended, run.common.spin_pacing).await;
+                if per_sec.is_some() {
+                    wait_until(t0 + intended, run.common.spin_pacing).await;
+                }
                 let user = rng.usize(..users);
                 let mut pick = rng.u32(..total_w);
                 let mut prio = 0;
