@@ -11,7 +11,6 @@
 //! waiting for room between steps, so no publish is refused for its size
 //! alone (contract §6).
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -105,7 +104,11 @@ impl Published {
     pub fn write_json(&self, out: &mut String) {
         match self {
             Published::One(d) if !d.duplicate => {
-                let _ = write!(out, "{{\"seq\":{},\"delivered\":{}}}", d.seq, d.delivered);
+                out.push_str("{\"seq\":");
+                out.push_str(itoa::Buffer::new().format(d.seq));
+                out.push_str(",\"delivered\":");
+                out.push_str(itoa::Buffer::new().format(d.delivered));
+                out.push('}');
             }
             other => out.push_str(&other.to_json().to_string()),
         }
@@ -520,4 +523,27 @@ pub async fn broadcast(shared: &Shared, event: Arc<PreparedEvent>) -> Result<Bro
         total.delivered += o.delivered;
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_results_are_the_json_of_each_result() {
+        let d = |seq, delivered, duplicate| Delivery { seq, delivered, duplicate };
+        let cases = [
+            Published::One(d(1, 0, false)),
+            Published::One(d(u64::MAX, u32::MAX, false)),
+            Published::One(d(7, 0, true)),
+            Published::Many(vec![(UserId::parse("u1").unwrap(), d(3, 2, false))]),
+            Published::Accepted,
+        ];
+        for p in &cases {
+            let mut out = String::new();
+            p.write_json(&mut out);
+            let parsed: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(parsed, p.to_json(), "{out}");
+        }
+    }
 }

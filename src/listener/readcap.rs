@@ -37,7 +37,11 @@ impl<R> ReadCap<R> {
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for ReadCap<R> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if buf.remaining() <= MAX_READ {
             return Pin::new(&mut self.inner).poll_read(cx, buf);
         }
