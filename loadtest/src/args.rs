@@ -92,9 +92,9 @@ pub(crate) struct Common {
     /// applied each event exactly once.
     #[arg(long, value_parser = parse_duration)]
     pub(crate) retry_timeout: Option<Duration>,
-    /// Pace sub-millisecond gaps by spinning the last stretch before each
-    /// event's time (else events due within a millisecond go out together).
-    /// Spinning costs the generator a core: use it when a core is spare.
+    /// At a fixed rate, spin the last 50 µs before each event's time on the
+    /// pacing thread instead of sleeping to it (sleeps are accurate to tens
+    /// of µs; spinning takes CPU the clients share).
     #[arg(long)]
     pub(crate) spin_pacing: bool,
     /// Publish this long before the measured window: latency (client and

@@ -187,8 +187,7 @@ async fn run(common: Common, plan: Plan) -> anyhow::Result<bool> {
     // The measured window: CPU of both processes and the broker's own
     // histogram (reset as it opens) are read at its edges.
     let window = tokio::spawn(measure_window(api.clone(), common.clone(), measure_start));
-    let scheduled = schedule(&run, &plan, &pub_txs, publish_start).await;
-    drop(pub_txs);
+    let (scheduled, plan) = schedule(&run, plan, pub_txs, publish_start).await;
     for t in pub_tasks {
         t.await??;
     }

@@ -64,84 +64,154 @@ pub(crate) fn event_line(
     s
 }
 
-/// Feeds publishers on the open-loop schedule; returns events scheduled.
-pub(crate) async fn schedule(run: &Run, plan: &Plan, pubs: &[flume::Sender<Outgoing>], t0: Instant) -> u64 {
-    let users = run.common.users;
-    // Receivers measure against `run.start`; intended times are relative to `t0`.
-    let base_us = t0.duration_since(run.start).as_micros() as u64;
-    let mut nonce = 0u64;
-    let mut rng = fastrand::Rng::with_seed(7);
-    match plan {
-        Plan::Rate { per_sec, duration, payload, mix, broadcast } => {
-            let total_w: u32 = mix.iter().sum();
-            loop {
+/// The open-loop schedule as a sequence of (due time, publisher slot,
+/// event); at `--rate max` each event is due when it is made.
+struct Feed<'a> {
+    run: &'a Run,
+    plan: &'a Plan,
+    t0: Instant,
+    /// Intended times are relative to `t0`; receivers measure against `run.start`.
+    base_us: u64,
+    nonce: u64,
+    rng: fastrand::Rng,
+    publishers: usize,
+}
+
+impl<'a> Feed<'a> {
+    fn new(run: &'a Run, plan: &'a Plan, publishers: usize, t0: Instant) -> Self {
+        let base_us = t0.duration_since(run.start).as_micros() as u64;
+        Feed { run, plan, t0, base_us, nonce: 0, rng: fastrand::Rng::with_seed(7), publishers }
+    }
+}
+
+impl Iterator for Feed<'_> {
+    type Item = (Instant, usize, Outgoing);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let with_id = self.run.common.retry_timeout.is_some();
+        let nonce = self.nonce;
+        let item = match self.plan {
+            Plan::Rate { per_sec, duration, payload, mix, broadcast } => {
                 let intended = match per_sec {
                     Some(r) => Duration::from_secs_f64(nonce as f64 / r),
-                    None => t0.elapsed(),
+                    None => self.t0.elapsed(),
                 };
-                if intended >= *duration + run.common.warmup {
-                    break;
+                if intended >= *duration + self.run.common.warmup {
+                    return None;
                 }
-                if per_sec.is_some() {
-                    wait_until(t0 + intended, run.common.spin_pacing).await;
-                }
-                let user = rng.usize(..users);
-                let mut pick = rng.u32(..total_w);
+                let user = self.rng.usize(..self.run.common.users);
+                let mut pick = self.rng.u32(..mix.iter().sum::<u32>());
                 let mut prio = 0;
                 while pick >= mix[prio] {
                     pick -= mix[prio];
                     prio += 1;
                 }
-                let intended_us = base_us + intended.as_micros() as u64;
+                let intended_us = self.base_us + intended.as_micros() as u64;
                 let target = (!broadcast).then_some(user);
-                let with_id = run.common.retry_timeout.is_some();
                 let line =
                     event_line(target, nonce, intended_us, "load", PRIORITIES[prio], *payload, with_id);
                 // A user's events all go through one publisher (so they stay in
                 // order); broadcasts rotate, and the checker orders each source.
-                let slot = if *broadcast { broadcast_source(nonce, pubs.len()) } else { user % pubs.len() };
-                nonce += 1;
-                if pubs[slot].send_async(Outgoing { user, line }).await.is_err() {
-                    break;
-                }
+                let slot = if *broadcast {
+                    broadcast_source(nonce, self.publishers)
+                } else {
+                    user % self.publishers
+                };
+                (self.t0 + intended, slot, Outgoing { user, line })
             }
-        }
-        Plan::Trace { events, planned } => {
-            for p in planned {
-                wait_until(t0 + p.at, run.common.spin_pacing).await;
+            Plan::Trace { events, planned } => {
+                let p = planned.get(nonce as usize)?;
                 let ev = &events[p.event];
-                let intended_us = base_us + p.at.as_micros() as u64;
-                let with_id = run.common.retry_timeout.is_some();
+                let intended_us = self.base_us + p.at.as_micros() as u64;
                 let line =
                     event_line(Some(p.user), nonce, intended_us, &ev.event, &ev.priority, ev.bytes, with_id);
-                nonce += 1;
-                if pubs[p.user % pubs.len()].send_async(Outgoing { user: p.user, line }).await.is_err() {
-                    break;
-                }
+                (self.t0 + p.at, p.user % self.publishers, Outgoing { user: p.user, line })
             }
-        }
+        };
+        self.nonce += 1;
+        Some(item)
     }
-    nonce
 }
 
-/// Waits until `at`. Without `spin`: sleeps if it is more than a millisecond
-/// away, else returns at once (bursts go out back to back and the publisher
-/// batches them). With `spin`: sleeps (timer resolution is a millisecond)
-/// until just before it, then spins the last stretch (yielding, so clients
-/// on this thread keep reading), so sub-millisecond gaps are paced.
-pub(crate) async fn wait_until(at: Instant, spin: bool) {
-    if !spin {
-        if at > Instant::now() + Duration::from_millis(1) {
-            tokio::time::sleep_until(at.into()).await;
+/// Feeds publishers on the open-loop schedule; returns events scheduled.
+/// At `--rate max`, on the runtime (as fast as the publishers take them).
+/// At a fixed rate or a trace's times, on a thread of its own that sleeps
+/// until each event is due: tokio's timers tick in milliseconds, so paced
+/// from the runtime, events would leave in bursts up to a millisecond late
+/// and that lateness would count as latency. With `--spin-pacing` the
+/// thread spins the last stretch instead of sleeping.
+pub(crate) async fn schedule(
+    run: &Arc<Run>,
+    plan: Plan,
+    pubs: Vec<flume::Sender<Outgoing>>,
+    t0: Instant,
+) -> (u64, Plan) {
+    if matches!(plan, Plan::Rate { per_sec: None, .. }) {
+        let mut sent = 0;
+        for (_, slot, o) in Feed::new(run, &plan, pubs.len(), t0) {
+            if pubs[slot].send_async(o).await.is_err() {
+                break;
+            }
+            sent += 1;
         }
+        return (sent, plan);
+    }
+    let run = run.clone();
+    let paced = tokio::task::spawn_blocking(move || {
+        precise_sleeps();
+        let spin = run.common.spin_pacing;
+        let mut sent = 0;
+        let mut woke = Instant::now();
+        for (due, slot, o) in Feed::new(&run, &plan, pubs.len(), t0) {
+            if due > Instant::now() {
+                sleep_until(due.max(woke + PACE_QUANTUM), spin);
+                woke = Instant::now();
+            }
+            if pubs[slot].send(o).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        (sent, plan)
+    });
+    match paced.await {
+        Ok(out) => out,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// The pacing thread wakes at most this often: events due closer together
+/// leave together, up to this late (and the lateness counts as latency),
+/// so a publisher sends a few per frame instead of one frame per event.
+const PACE_QUANTUM: Duration = Duration::from_micros(100);
+
+/// Asks the kernel to wake this thread's sleeps within a microsecond of
+/// their deadline (the default timer slack is 50 µs).
+fn precise_sleeps() {
+    // SAFETY: PR_SET_TIMERSLACK takes a plain integer and touches only
+    // the calling thread's timer slack.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1000, 0, 0, 0);
+    }
+}
+
+/// Blocks the calling thread until `at`: sleeping, or with `spin` sleeping
+/// until 50 µs before it and spinning the rest.
+fn sleep_until(at: Instant, spin: bool) {
+    const SPIN: Duration = Duration::from_micros(50);
+    let now = Instant::now();
+    if at <= now {
         return;
     }
-    const SPIN: Duration = Duration::from_micros(1500);
-    if let Some(sleep_to) = at.checked_sub(SPIN).filter(|t| *t > Instant::now()) {
-        tokio::time::sleep_until(sleep_to.into()).await;
+    if !spin {
+        std::thread::sleep(at - now);
+        return;
+    }
+    if let Some(nap) = (at - now).checked_sub(SPIN) {
+        std::thread::sleep(nap);
     }
     while Instant::now() < at {
-        tokio::task::yield_now().await;
+        std::hint::spin_loop();
     }
 }
 
