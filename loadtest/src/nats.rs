@@ -79,17 +79,20 @@ impl NatsConn {
             self.ws.send(Message::binary(b"PONG\r\n".to_vec())).await?;
             self.pong_due = false;
         }
-        let data = match self.ws.next().await {
-            Some(Ok(Message::Binary(b))) => b.to_vec(),
-            Some(Ok(Message::Text(t))) => t.as_bytes().to_vec(),
+        match self.ws.next().await {
+            Some(Ok(Message::Binary(b))) => self.buf.extend_from_slice(&b),
+            Some(Ok(Message::Text(t))) => self.buf.extend_from_slice(t.as_bytes()),
             Some(Ok(_)) => return Ok(Some(Line::Other)),
             Some(Err(e)) => return Err(e.into()),
             None => return Ok(None),
-        };
-        self.buf.extend_from_slice(&data);
+        }
         let mut last = Line::Other;
-        while let Some((line, used)) = parse(&self.buf)? {
-            self.buf.drain(..used);
+        // Parsed from an offset and drained once: draining per message moved
+        // the rest of the buffer each time, quadratic in a large frame (a
+        // frame of thousands of messages held the runtime thread that long).
+        let mut off = 0;
+        while let Some((line, used)) = parse(&self.buf[off..])? {
+            off += used;
             match line {
                 Parsed::Msg(p) => self.ready.push_back(p),
                 Parsed::Ping => self.pong_due = true,
@@ -97,6 +100,7 @@ impl NatsConn {
                 Parsed::Other => {}
             }
         }
+        self.buf.drain(..off);
         Ok(Some(last))
     }
 }
