@@ -40,7 +40,7 @@
 //!                   shutdown order
 //! histdump          .hgrm / .hlog files
 //! listener/         client (handshake, TLS, hand-over), api (+ stream,
-//!                   watchdog, reply, tls)
+//!                   readcap, watchdog, reply, tls)
 //! publish, observe  publish objects → shard commands (or, --cluster, Redis);
 //!                   stats, /metrics, dashboard
 //! shard/            reactor (owned state; reactor/remote: cluster delivery),
