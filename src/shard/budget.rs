@@ -7,7 +7,11 @@
 //! per-user limits, the TTL, the user's state being dropped). Stale entries
 //! are skipped when met at the front and compacted away when they outnumber
 //! live ones, so the order costs O(1) amortised per event and at most about
-//! three entries per held event.
+//! three entries per held event. Compaction runs in steps of
+//! [`COMPACT_STEP`] entries, one step per call: done at once, it held the
+//! shard for ~12 ms at 5,000 users × 16 events (every ~80k publishes; the
+//! end-to-end p99.9 at 30k/s was these stalls), and it grows with
+//! `--history-size`.
 //!
 //! Pure bookkeeping: it owns no history; the reactor asks it what to evict.
 
@@ -30,12 +34,24 @@ pub struct Budget {
     held: usize,
     /// Events held across the shard's histories.
     events: usize,
+    /// Entries in store order, oldest first (the unchecked part of a
+    /// compaction in progress at the front).
     order: VecDeque<Stored>,
+    /// A compaction in progress: the live entries it has checked, in order;
+    /// all older than anything in `order`.
+    swept: VecDeque<Stored>,
+    /// Entries at the front of `order` the compaction in progress has yet
+    /// to check (0: none in progress).
+    unswept: usize,
 }
+
+/// Entries one compaction step checks; each stored event is followed by a
+/// step, so a compaction outpaces the entries added while it runs.
+pub const COMPACT_STEP: usize = 64;
 
 impl Budget {
     pub fn new(limit: usize) -> Self {
-        Budget { limit, held: 0, events: 0, order: VecDeque::new() }
+        Budget { limit, held: 0, events: 0, order: VecDeque::new(), swept: VecDeque::new(), unswept: 0 }
     }
 
     /// Bytes held across the shard's histories.
@@ -65,16 +81,42 @@ impl Budget {
 
     /// The oldest entry, removed (it may be stale: the caller checks).
     pub fn pop_oldest(&mut self) -> Option<Stored> {
-        self.order.pop_front()
+        if let Some(s) = self.swept.pop_front() {
+            return Some(s);
+        }
+        let s = self.order.pop_front()?;
+        self.unswept = self.unswept.saturating_sub(1);
+        Some(s)
+    }
+
+    /// Entries in the order, stale ones included.
+    fn entries(&self) -> usize {
+        self.order.len() + self.swept.len()
     }
 
     /// Drops stale entries once they outnumber the held events (plus
     /// slack), keeping the order's memory proportional to what is held.
+    /// One step of it: a compaction starts once stale entries may outnumber
+    /// live ones and checks [`COMPACT_STEP`] entries per call.
     pub fn compact(&mut self, is_live: impl Fn(&Stored) -> bool) {
-        if self.order.len() <= 2 * self.events + 1024 {
-            return;
+        if self.unswept == 0 {
+            if self.entries() <= 2 * self.events + 1024 {
+                return;
+            }
+            self.unswept = self.order.len();
         }
-        self.order.retain(is_live);
+        let step = self.unswept.min(COMPACT_STEP);
+        for s in self.order.drain(..step) {
+            if is_live(&s) {
+                self.swept.push_back(s);
+            }
+        }
+        self.unswept -= step;
+        if self.unswept == 0 {
+            // Done: the checked entries go back in front of those stored since.
+            self.swept.append(&mut self.order);
+            std::mem::swap(&mut self.order, &mut self.swept);
+        }
     }
 }
 
@@ -103,8 +145,45 @@ mod tests {
             b.stored(Stored { user: u.clone(), incarnation: 1, seq });
         }
         b.adjust((0, 0), (0, 9));
-        b.compact(|s| s.seq > 4991);
-        assert_eq!(b.order.len(), 9);
+        for _ in 0..5000usize.div_ceil(COMPACT_STEP) {
+            b.compact(|s| s.seq > 4991);
+        }
+        assert_eq!(b.entries(), 9);
         assert_eq!(b.pop_oldest().map(|s| s.seq), Some(4992));
+    }
+
+    #[test]
+    fn a_compaction_in_steps_keeps_the_order_while_events_arrive_and_leave() {
+        let mut b = Budget::new(0);
+        let u = UserId::parse("u").unwrap();
+        let live = |s: &Stored| s.seq % 3 == 0; // two of every three go stale
+        for seq in 1..=3000 {
+            b.stored(Stored { user: u.clone(), incarnation: 1, seq });
+        }
+        b.adjust((0, 0), (0, 500));
+        b.compact(live);
+        assert!(b.unswept > 0, "a compaction is in progress");
+        let checks_per_step = COMPACT_STEP;
+        assert_eq!(b.order.len() + b.swept.len(), 3000 - (checks_per_step - checks_per_step / 3));
+        // Events keep arriving, and the oldest keep leaving, mid-compaction.
+        let mut popped = Vec::new();
+        let mut next = 3001;
+        while b.unswept > 0 {
+            b.stored(Stored { user: u.clone(), incarnation: 1, seq: next });
+            next += 1;
+            popped.extend(b.pop_oldest().map(|s| s.seq));
+            b.compact(live);
+        }
+        let mut rest = Vec::new();
+        while let Some(s) = b.pop_oldest() {
+            rest.push(s.seq);
+        }
+        let all: Vec<u64> = popped.iter().chain(&rest).copied().collect();
+        assert!(all.windows(2).all(|w| w[0] < w[1]), "oldest first, always");
+        // Nothing live was dropped: every multiple of 3 and every entry
+        // stored during the compaction is there, unless popped.
+        let kept: std::collections::HashSet<u64> = all.iter().copied().collect();
+        assert!((1..next).filter(|s| s % 3 == 0 || *s > 3000).all(|s| kept.contains(&s)));
+        assert!(all.len() < 3000, "stale entries were dropped");
     }
 }
