@@ -156,7 +156,7 @@ mod tests {
     fn a_compaction_in_steps_keeps_the_order_while_events_arrive_and_leave() {
         let mut b = Budget::new(0);
         let u = UserId::parse("u").unwrap();
-        let live = |s: &Stored| s.seq % 3 == 0; // two of every three go stale
+        let live = |s: &Stored| s.seq.is_multiple_of(3); // two of every three go stale
         for seq in 1..=3000 {
             b.stored(Stored { user: u.clone(), incarnation: 1, seq });
         }
@@ -183,7 +183,7 @@ mod tests {
         // Nothing live was dropped: every multiple of 3 and every entry
         // stored during the compaction is there, unless popped.
         let kept: std::collections::HashSet<u64> = all.iter().copied().collect();
-        assert!((1..next).filter(|s| s % 3 == 0 || *s > 3000).all(|s| kept.contains(&s)));
+        assert!((1..next).filter(|s| s.is_multiple_of(3) || *s > 3000).all(|s| kept.contains(&s)));
         assert!(all.len() < 3000, "stale entries were dropped");
     }
 }
