@@ -75,12 +75,22 @@ struct Feed<'a> {
     nonce: u64,
     rng: fastrand::Rng,
     publishers: usize,
+    /// The priority mix's total weight (a rate plan's).
+    total_weight: u32,
+    /// Publish objects carry an idempotency `id` (`--retry-timeout`).
+    with_id: bool,
 }
 
 impl<'a> Feed<'a> {
     fn new(run: &'a Run, plan: &'a Plan, publishers: usize, t0: Instant) -> Self {
         let base_us = t0.duration_since(run.start).as_micros() as u64;
-        Feed { run, plan, t0, base_us, nonce: 0, rng: fastrand::Rng::with_seed(7), publishers }
+        let total_weight = match plan {
+            Plan::Rate { mix, .. } => mix.iter().sum(),
+            Plan::Trace { .. } => 0,
+        };
+        let with_id = run.common.retry_timeout.is_some();
+        let rng = fastrand::Rng::with_seed(7);
+        Feed { run, plan, t0, base_us, nonce: 0, rng, publishers, total_weight, with_id }
     }
 }
 
@@ -88,7 +98,7 @@ impl Iterator for Feed<'_> {
     type Item = (Instant, usize, Outgoing);
 
     fn next(&mut self) -> Option<Self::Item> {
-        let with_id = self.run.common.retry_timeout.is_some();
+        let with_id = self.with_id;
         let nonce = self.nonce;
         let item = match self.plan {
             Plan::Rate { per_sec, duration, payload, mix, broadcast } => {
@@ -100,7 +110,7 @@ impl Iterator for Feed<'_> {
                     return None;
                 }
                 let user = self.rng.usize(..self.run.common.users);
-                let mut pick = self.rng.u32(..mix.iter().sum::<u32>());
+                let mut pick = self.rng.u32(..self.total_weight);
                 let mut prio = 0;
                 while pick >= mix[prio] {
                     pick -= mix[prio];

@@ -6,9 +6,10 @@
 //! buffer. A publisher that keeps megabytes in flight (its socket's whole
 //! receive window) therefore grew each stream's buffer to tens of MiB —
 //! memory the broker held on the publisher's behalf (heaptrack at 5,000
-//! users, max rate: 40 MiB per stream, half the broker's RSS). Reading in bounded steps keeps the
-//! buffer near one message plus one step, and leaves the rest of the
-//! publisher's backlog in the kernel, where TCP flow control holds it.
+//! users, max rate: 40 MiB per stream, half the broker's RSS). Reading in
+//! bounded steps keeps the buffer near twice one message plus one step,
+//! and leaves the rest of the publisher's backlog in the kernel, where TCP
+//! flow control holds it.
 //!
 //! Pure I/O adapter: touches nothing but the reader it wraps.
 
