@@ -24,6 +24,17 @@ pub(crate) enum Cmd {
     /// Measure the kernel's delivery ceiling: a stand-in server with no broker
     /// logic writes pre-encoded frames to N clients, `--batch` per writev.
     Ceiling(CeilingArgs),
+    /// Serve as a relay with no broker logic (read, number, write) for this
+    /// generator to run against: the latency floor beside the brokers.
+    Relay(RelayArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct RelayArgs {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub(crate) listen: std::net::SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub(crate) api_listen: std::net::SocketAddr,
 }
 
 #[derive(Args)]

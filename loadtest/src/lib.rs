@@ -2,10 +2,12 @@
 //!
 //! `check` verifies every received event (once, in order, own user only);
 //! `trace` reads recorded event traces and turns them into a schedule;
-//! `sse` is the client side of `GET /sse`.
+//! `sse` is the client side of `GET /sse`; `relay` is the no-broker
+//! stand-in that gives the latency floor.
 
 pub mod ceiling;
 pub mod check;
 pub mod nats;
+pub mod relay;
 pub mod sse;
 pub mod trace;

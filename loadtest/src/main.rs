@@ -47,6 +47,10 @@ fn main() -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        Cmd::Relay(a) => {
+            raise_fd_limit();
+            return switchyard_load::relay::run(a.listen, a.api_listen);
+        }
         Cmd::Run(a) => {
             let per_sec = if a.rate == "max" {
                 None
