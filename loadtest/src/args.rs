@@ -85,7 +85,9 @@ pub(crate) struct Common {
     /// Spread client sockets over this many loopback source addresses (127.0.0.1..N).
     #[arg(long, default_value_t = 1)]
     pub(crate) source_ips: u8,
-    /// How long to wait for the last deliveries after publishing ends.
+    /// How long to wait for the last deliveries after publishing ends (the
+    /// wait ends sooner once arrivals plus the broker's reported shed cover
+    /// everything sent).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub(crate) drain: Duration,
     /// Write the latency distribution (.hgrm).
