@@ -11,3 +11,12 @@ pub mod nats;
 pub mod relay;
 pub mod sse;
 pub mod trace;
+
+/// WebSocket settings for every connection the generator and the relay
+/// open. tungstenite zero-fills its whole read buffer (128 KiB by default)
+/// before every socket read; with thousands of connections each reading
+/// small frames that memset was 37% of the load generator's CPU (perf), so
+/// the buffer is kept small.
+pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 * 1024)
+}

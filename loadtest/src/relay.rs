@@ -26,6 +26,8 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::ws_config;
+
 /// One user: the last sequence number given and the live connections.
 #[derive(Default)]
 struct User {
@@ -181,12 +183,6 @@ async fn accept(stream: TcpStream) -> Option<(Ws, String)> {
     let ws =
         tokio_tungstenite::accept_hdr_async_with_config(stream, capture, Some(ws_config())).await.ok()?;
     Some((ws, query))
-}
-
-/// Small read buffers, as the generator's clients use: tungstenite's default
-/// (128 KiB, zero-filled) per connection would be most of the relay's memory.
-fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
-    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 * 1024)
 }
 
 /// The string value after `key` (up to the next quote).

@@ -54,10 +54,5 @@ pub(crate) fn broadcast_source(nonce: u64, sources: usize) -> usize {
     (nonce % sources.clamp(1, MAX_SOURCES) as u64) as usize
 }
 
-/// Client WebSocket settings. tungstenite zero-fills its whole read buffer
-/// (128 KiB by default) before every socket read; with thousands of
-/// connections each reading small frames that memset was 37% of the load
-/// generator's CPU (perf), so the buffer is kept small.
-pub(crate) fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
-    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 * 1024)
-}
+/// The WebSocket settings every connection uses (the relay's too).
+pub(crate) use switchyard_load::ws_config;
