@@ -197,18 +197,18 @@ fn commands(
         *next_slot += 1;
         (acks.map(|_| slot), acks.map(|a| a.ack(slot)))
     };
+    let cmd = |user, event, id, reply| PublishCmd {
+        user,
+        event,
+        accepted: stamp.accepted,
+        ts_ms: stamp.ts_ms,
+        id,
+        reply,
+    };
     match (req.target, shards) {
         (Target::One(user), Shards::One(s)) => {
             let (mine, reply) = take_slot();
-            let cmd = PublishCmd {
-                user,
-                event: req.event,
-                accepted: stamp.accepted,
-                ts_ms: stamp.ts_ms,
-                id: req.id,
-                reply,
-            };
-            push(*s, cmd);
+            push(*s, cmd(user, req.event, req.id, reply));
             Pending::One(mine)
         }
         (target, shards) => {
@@ -219,15 +219,7 @@ fn commands(
             let mut pending = Vec::with_capacity(users.len());
             for (user, &s) in users.into_iter().zip(shards.as_slice()) {
                 let (mine, reply) = take_slot();
-                let cmd = PublishCmd {
-                    user: user.clone(),
-                    event: req.event.clone(),
-                    accepted: stamp.accepted,
-                    ts_ms: stamp.ts_ms,
-                    id: req.id.clone(),
-                    reply,
-                };
-                push(s, cmd);
+                push(s, cmd(user.clone(), req.event.clone(), req.id.clone(), reply));
                 pending.push((user, mine));
             }
             Pending::Many(pending)
