@@ -1,6 +1,7 @@
 //! Criterion benches for the pieces of the hot path:
 //! ring push/pop (1 and N producers), routing lookup while the table is
-//! swapped, event frame encoding, publish parsing (simd-json vs serde_json),
+//! swapped, event frame encoding, publish parsing (one pass vs simd-json and
+//! serde_json, and the load generator's object),
 //! fan-out of one event to K connection queues, history append and replay.
 
 use std::hint::black_box;
@@ -16,6 +17,10 @@ use switchyard::redact::Redactor;
 use switchyard::routing::{Router, RoutingTable};
 use switchyard::shard::history::{Held, History};
 use switchyard::shard::Ring;
+
+/// The broker's allocator, so allocation costs what it costs in the binary.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn ring(c: &mut Criterion) {
     let mut g = c.benchmark_group("ring");
@@ -147,6 +152,17 @@ fn parse(c: &mut Criterion) {
             )
         });
     }
+    // What `switchyard-load` publishes (200 B of padding): the end-to-end
+    // figures' per-event parse.
+    let load = format!(
+        r#"{{"user":"load-42","event":"load","priority":"normal","data":{{"u":"load-42","n":123456,"t":98765432,"p":"{}"}}}}"#,
+        "x".repeat(200)
+    )
+    .into_bytes();
+    g.throughput(Throughput::Bytes(load.len() as u64));
+    g.bench_function("one_pass/load_generator", |b| {
+        b.iter(|| black_box(protocol::parse_publish(black_box(&load), &redactor).is_ok()))
+    });
     g.finish();
 }
 

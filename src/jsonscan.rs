@@ -18,6 +18,10 @@ use std::ops::Range;
 /// `serde_json`'s recursion limit: the 128th nested container is refused.
 const MAX_DEPTH: usize = 127;
 
+/// A number written without an exponent and at most this long (sign and
+/// point included) is below 1e300, so finite: it is accepted unparsed.
+const MAX_PLAIN_DIGITS: usize = 300;
+
 /// Why an input is not JSON (or not an object at the top).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScanError {
@@ -158,7 +162,8 @@ impl<'a> Scanner<'a> {
 
     /// The top-level object, keeping its members.
     fn top_object(&mut self) -> Result<Object<'a>, ScanError> {
-        let mut obj = Object::default();
+        // Publish objects have up to six members: one allocation.
+        let mut obj = Object { members: Vec::with_capacity(8) };
         self.container(b'}', |s| {
             let (key, _) = s.key()?;
             let start = s.i;
@@ -207,10 +212,16 @@ impl<'a> Scanner<'a> {
         let start = self.i;
         let key = self.string()?;
         let written = &self.b[start..self.i];
+        self.colon()?;
+        Ok((key, written))
+    }
+
+    /// The `:` after a key, with the whitespace around it.
+    fn colon(&mut self) -> Result<(), ScanError> {
         self.ws();
         self.expect(b':', "expected ':'")?;
         self.ws();
-        Ok((key, written))
+        Ok(())
     }
 
     /// A member's value: strings and arrays of strings are decoded.
@@ -287,7 +298,7 @@ impl<'a> Scanner<'a> {
         match self.peek() {
             Some(b'{') => self.object(),
             Some(b'[') => self.array(),
-            Some(b'"') => self.string().map(drop),
+            Some(b'"') => self.skip_string(),
             Some(b't') => self.literal(b"true"),
             Some(b'f') => self.literal(b"false"),
             Some(b'n') => self.literal(b"null"),
@@ -299,7 +310,11 @@ impl<'a> Scanner<'a> {
 
     fn object(&mut self) -> Result<(), ScanError> {
         self.container(b'}', |s| {
-            s.key()?;
+            if s.peek() != Some(b'"') {
+                return Err(s.err("expected a key"));
+            }
+            s.skip_string()?;
+            s.colon()?;
             s.value()
         })
     }
@@ -328,14 +343,12 @@ impl<'a> Scanner<'a> {
             Some(b'1'..=b'9') => self.digits(),
             _ => return Err(self.err("invalid number")),
         }
-        let mut float = false;
         if self.peek() == Some(b'.') {
             self.i += 1;
             if !matches!(self.peek(), Some(b'0'..=b'9')) {
                 return Err(self.err("invalid number"));
             }
             self.digits();
-            float = true;
         }
         if let Some(b'e' | b'E') = self.peek() {
             self.i += 1;
@@ -346,14 +359,25 @@ impl<'a> Scanner<'a> {
                 return Err(self.err("invalid number"));
             }
             self.digits();
-            float = true;
+            return self.finite(start);
         }
-        let text = std::str::from_utf8(&self.b[start..self.i]).map_err(|_| self.err("invalid number"))?;
-        let fits_integer = !float && (text.parse::<u64>().is_ok() || text.parse::<i64>().is_ok());
-        if !fits_integer && !text.parse::<f64>().is_ok_and(f64::is_finite) {
-            return Err(ScanError { at: start, what: "number out of range" });
+        // Without an exponent a number under 1e308 is finite whatever its
+        // digits (an integer too large for u64/i64 becomes an f64, as in
+        // `serde_json`); only a longer one needs parsing.
+        if self.i - start > MAX_PLAIN_DIGITS {
+            return self.finite(start);
         }
         Ok(())
+    }
+
+    /// Refuses the number `b[start..i]` when it does not fit an `f64`.
+    fn finite(&self, start: usize) -> Result<(), ScanError> {
+        let text = std::str::from_utf8(&self.b[start..self.i]).map_err(|_| self.err("invalid number"))?;
+        if text.parse::<f64>().is_ok_and(f64::is_finite) {
+            Ok(())
+        } else {
+            Err(ScanError { at: start, what: "number out of range" })
+        }
     }
 
     fn digits(&mut self) {
@@ -382,20 +406,7 @@ impl<'a> Scanner<'a> {
                 }
                 Some(b'\\') => {
                     self.i += 1;
-                    let c = self.peek().ok_or_else(|| self.err("unterminated escape"))?;
-                    self.i += 1;
-                    out.push(match c {
-                        b'"' => '"',
-                        b'\\' => '\\',
-                        b'/' => '/',
-                        b'b' => '\u{8}',
-                        b'f' => '\u{c}',
-                        b'n' => '\n',
-                        b'r' => '\r',
-                        b't' => '\t',
-                        b'u' => self.unicode_escape()?,
-                        _ => return Err(self.err("invalid escape")),
-                    });
+                    out.push(self.escape()?);
                 }
                 _ => {
                     let from = self.i;
@@ -404,6 +415,40 @@ impl<'a> Scanner<'a> {
                 }
             }
         }
+    }
+
+    /// A string, validated as [`Self::string`] does but not decoded (a
+    /// value nobody reads: a key or string below the top object).
+    fn skip_string(&mut self) -> Result<(), ScanError> {
+        self.i += 1; // opening quote
+        loop {
+            self.plain_run()?;
+            // `plain_run` stops only at a quote or a backslash.
+            if self.peek() == Some(b'"') {
+                self.i += 1;
+                return Ok(());
+            }
+            self.i += 1;
+            self.escape()?;
+        }
+    }
+
+    /// The character an escape stands for; `i` is just past its backslash.
+    fn escape(&mut self) -> Result<char, ScanError> {
+        let c = self.peek().ok_or_else(|| self.err("unterminated escape"))?;
+        self.i += 1;
+        Ok(match c {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => self.unicode_escape()?,
+            _ => return Err(self.err("invalid escape")),
+        })
     }
 
     /// Moves past string bytes up to the next quote or backslash; refuses a
@@ -551,5 +596,34 @@ mod tests {
             assert!(scan(good.as_bytes()).is_ok(), "scan refuses {good:?}");
         }
         assert!(scan(b"\"\xff\"").is_err(), "invalid UTF-8 in a string");
+    }
+
+    /// Below the top object strings are skipped undecoded and plain numbers
+    /// accepted unparsed: both must still refuse exactly what serde refuses.
+    #[test]
+    fn nested_values_are_held_to_the_same_rules() {
+        let long = |digits: usize| format!("1{}", "0".repeat(digits - 1));
+        let cases = [
+            r#"{"d":{"k":"\ud800"}}"#.to_string(),
+            r#"{"d":{"\udc00":1}}"#.to_string(),
+            r#"{"d":["\ud83d\ude00","\u00e9\n\t\/"]}"#.to_string(),
+            r#"{"d":{"k":"\q"}}"#.to_string(),
+            r#"{"d":{"k":"a\"}}"#.to_string(),
+            "{\"d\":[\"\u{1f}\"]}".to_string(),
+            r#"{"d":[1e400,2]}"#.to_string(),
+            r#"{"d":[-1E+308]}"#.to_string(),
+            format!(r#"{{"d":[{}]}}"#, long(300)),
+            format!(r#"{{"d":[{}]}}"#, long(308)),
+            format!(r#"{{"d":[{}]}}"#, long(309)),
+            format!(r#"{{"d":[{}]}}"#, long(310)),
+            format!(r#"{{"d":[{}]}}"#, long(400)),
+            format!(r#"{{"d":[-{}.5]}}"#, long(309)),
+            format!(r#"{{"d":[0.{}]}}"#, long(400)),
+            r#"{"d":[18446744073709551616,-9223372036854775809]}"#.to_string(),
+        ];
+        for raw in cases {
+            let serde_ok = serde_json::from_str::<serde_json::Value>(&raw).is_ok();
+            assert_eq!(scan(raw.as_bytes()).is_ok(), serde_ok, "{raw}");
+        }
     }
 }
