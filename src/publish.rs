@@ -158,13 +158,14 @@ type Routed = Result<(PublishRequest, Shards), PublishError>;
 /// Routes every target once; also returns how many commands each shard gets.
 fn route(shared: &Shared, items: Vec<Result<PublishRequest, PublishError>>) -> (Vec<Routed>, Vec<usize>) {
     let mut counts = vec![0usize; shared.shards.len()];
+    let router = shared.router.view();
     let routed = items
         .into_iter()
         .map(|r| {
             r.map(|req| {
                 let shards = match &req.target {
-                    Target::One(u) => Shards::One(shared.router.shard_for(u)),
-                    Target::Many(us) => Shards::Many(us.iter().map(|u| shared.router.shard_for(u)).collect()),
+                    Target::One(u) => Shards::One(router.shard_for(u)),
+                    Target::Many(us) => Shards::Many(us.iter().map(|u| router.shard_for(u)).collect()),
                 };
                 shards.as_slice().iter().for_each(|&s| counts[s] += 1);
                 (req, shards)

@@ -4,10 +4,11 @@
 //! stays small and can be rebalanced by moving slots. The table itself is
 //! immutable; [`Router`] holds it in an `ArcSwap`.
 //!
-//! Reads: every publish and every upgrade calls [`Router::shard_for`], which
-//! is an `ArcSwap::load` (a hazard-pointer style guard, no lock, no
-//! reference-count contention) plus a hash and an index. Readers never block
-//! and are never blocked by a writer.
+//! Reads: every upgrade calls [`Router::shard_for`], which is an
+//! `ArcSwap::load` (a hazard-pointer style guard, no lock, no reference-count
+//! contention) plus a hash and an index; a publish request takes one
+//! [`RouterView`] for all its items. Readers never block and are never
+//! blocked by a writer.
 //!
 //! Writes: only [`Router::swap`], called at start-up and by whatever
 //! rebalances slots (nothing does yet). A writer builds a complete new table
@@ -82,6 +83,13 @@ impl Router {
         self.table.load().shard_of_slot(slot)
     }
 
+    /// The current table, held for a batch of lookups: one `ArcSwap` load
+    /// for a whole publish request instead of one per item (those loads were
+    /// ~1.5% of the broker's CPU at 100 users, max rate).
+    pub fn view(&self) -> RouterView<'_> {
+        RouterView { router: self, table: self.table.load() }
+    }
+
     /// Installs a new table (see the module doc for who may call this).
     pub fn swap(&self, table: RoutingTable) -> Arc<RoutingTable> {
         self.table.swap(Arc::new(table))
@@ -89,6 +97,20 @@ impl Router {
 
     pub fn shards(&self) -> usize {
         self.table.load().shards()
+    }
+}
+
+/// One routing table, as [`Router::view`] found it: lookups through it see
+/// no swap made after it was taken.
+pub struct RouterView<'a> {
+    router: &'a Router,
+    table: arc_swap::Guard<Arc<RoutingTable>>,
+}
+
+impl RouterView<'_> {
+    /// The shard that owns `user` in this view's table.
+    pub fn shard_for(&self, user: &UserId) -> usize {
+        self.table.shard_of_slot(self.router.slot_of(user))
     }
 }
 
@@ -128,5 +150,17 @@ mod tests {
         r.swap(RoutingTable::uniform(2));
         assert_eq!(r.shards(), 2);
         assert_eq!(r.shard_for(&u), r.slot_of(&u) % 2);
+    }
+
+    #[test]
+    fn a_view_keeps_its_table_across_a_swap() {
+        let r = Router::new(RoutingTable::uniform(1));
+        let users: Vec<_> = (0..64).map(|i| UserId::parse(&format!("user-{i}")).unwrap()).collect();
+        let view = r.view();
+        r.swap(RoutingTable::uniform(4));
+        assert!(users.iter().all(|u| view.shard_for(u) == 0));
+        assert!(users.iter().any(|u| r.shard_for(u) != 0), "the router itself moved on");
+        let fresh = r.view();
+        assert!(users.iter().all(|u| fresh.shard_for(u) == r.shard_for(u)));
     }
 }
