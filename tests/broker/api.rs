@@ -128,6 +128,37 @@ async fn stream_with_acks() {
     b.stop().await;
 }
 
+/// Messages sent back to back are submitted before earlier ones are
+/// applied; their acks still come back one per message, in message order,
+/// with each user's seqs in publish order (users spread over two shards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_stream_messages_are_answered_in_order() {
+    const MESSAGES: u64 = 60;
+    const PER_MESSAGE: u64 = 20;
+    let b = TestBroker::with(|c| c.shards = 2);
+    let mut pubs = stream(&b, "?acks=1").await;
+    for m in 0..MESSAGES {
+        let lines: Vec<String> = (0..PER_MESSAGE)
+            .map(|i| json!({"user": format!("p{}", i % 4), "event": "e", "data": [m, i]}).to_string())
+            .collect();
+        pubs.send(Message::text(lines.join("\n"))).await.unwrap();
+    }
+    let mut last = [0u64; 4];
+    for m in 0..MESSAGES {
+        let ack = next_json(&mut pubs).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        let results = ack["results"].as_array().unwrap();
+        assert_eq!(results.len() as u64, PER_MESSAGE, "message {m}: {ack}");
+        for (i, r) in results.iter().enumerate() {
+            let seq = r["seq"].as_u64().unwrap_or_else(|| panic!("message {m} item {i}: {r}"));
+            assert_eq!(seq, last[i % 4] + 1, "message {m} item {i}: seqs in publish order");
+            last[i % 4] = seq;
+        }
+    }
+    assert_eq!(last, [MESSAGES * PER_MESSAGE / 4; 4]);
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn a_stream_frame_sent_with_the_upgrade_request_is_applied() {
     let b = TestBroker::start();
