@@ -79,8 +79,7 @@ impl Router {
 
     /// The shard that owns `user`. Lock-free.
     pub fn shard_for(&self, user: &UserId) -> usize {
-        let slot = self.slot_of(user);
-        self.table.load().shard_of_slot(slot)
+        self.view().shard_for(user)
     }
 
     /// The current table, held for a batch of lookups: one `ArcSwap` load
