@@ -18,11 +18,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
-
-/// The broker's allocator: the generator allocates per frame read, and
-/// glibc's malloc was ~8% of its CPU at 100 users, max rate.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use hdrhistogram::Histogram;
 use switchyard_load::check::{Totals, MAX_SOURCES};
 use switchyard_load::trace::{self};
@@ -36,6 +31,11 @@ use crate::publishers::{
 use crate::report::{progress_task, report};
 use crate::shared::{node_list, Run};
 use crate::window::{broker_histogram, measure_window, report_window};
+
+/// The broker's allocator: the generator allocates per frame read, and
+/// glibc's malloc was ~8% of its CPU at 100 users, max rate.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
