@@ -30,11 +30,16 @@ pub fn put_header(out: &mut Vec<u8>, opcode: u8, len: usize) {
     }
 }
 
+/// Appends a complete FIN frame with `opcode` and `payload`.
+pub fn put_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    put_header(out, opcode, payload.len());
+    out.extend_from_slice(payload);
+}
+
 /// A complete frame with `opcode` and `payload`.
 pub fn frame(opcode: u8, payload: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(payload.len() + MAX_HEADER_LEN);
-    put_header(&mut out, opcode, payload.len());
-    out.extend_from_slice(payload);
+    put_frame(&mut out, opcode, payload);
     Bytes::from(out)
 }
 
@@ -54,16 +59,23 @@ pub fn text_frame(payload: &[u8]) -> Bytes {
     frame(OP_TEXT, payload)
 }
 
-/// A close frame with `code` and a UTF-8 `reason` (truncated to fit 125 bytes).
-pub fn close_frame(code: u16, reason: &str) -> Bytes {
+/// Appends a close frame with `code` and a UTF-8 `reason` (truncated at a
+/// character boundary to fit a control frame's 125 bytes).
+pub fn put_close(out: &mut Vec<u8>, code: u16, reason: &str) {
     let mut reason = &reason.as_bytes()[..reason.len().min(123)];
     while std::str::from_utf8(reason).is_err() {
         reason = &reason[..reason.len() - 1];
     }
-    let mut payload = Vec::with_capacity(2 + reason.len());
-    payload.extend_from_slice(&code.to_be_bytes());
-    payload.extend_from_slice(reason);
-    frame(OP_CLOSE, &payload)
+    put_header(out, OP_CLOSE, 2 + reason.len());
+    out.extend_from_slice(&code.to_be_bytes());
+    out.extend_from_slice(reason);
+}
+
+/// A close frame with `code` and a UTF-8 `reason` (truncated to fit 125 bytes).
+pub fn close_frame(code: u16, reason: &str) -> Bytes {
+    let mut out = Vec::with_capacity(2 + 125);
+    put_close(&mut out, code, reason);
+    Bytes::from(out)
 }
 
 #[cfg(test)]

@@ -10,26 +10,35 @@
 //! The stream is a reader and a writer in one task. The reader reassembles
 //! fragmented messages up to the batch limit (1,000 items and
 //! `--max-payload` × 1,000 bytes, fragments included; more closes with 1009
-//! and none of it is applied) and applies each message before reading the
-//! next. The writer sends replies, pings every `--ping-interval`, closes a
-//! publisher that sent nothing (no frame, no pong) for `--idle-timeout`
-//! (4002), and at shutdown sends 1001 while the reader goes on applying
-//! every message that arrives before the publisher's answering close — so
-//! the closing handshake tells the publisher exactly what was taken.
+//! and none of it is applied) and applies messages in order, each batch
+//! before it reads on. A batch is the next message plus every further one
+//! already read off the socket (up to [`GATHER_BYTES`]): a publisher's
+//! backlog after a stall is applied as one publish and answered with one
+//! write, not a reactor round trip and a `write` per message — replies stay
+//! one per message, in order. The writer encodes replies itself
+//! ([`wsframe`]) and writes everything queued at once; it pings every
+//! `--ping-interval`, closes a publisher that sent nothing (no frame, no
+//! pong) for `--idle-timeout` (4002), and at shutdown sends 1001 while the
+//! reader goes on applying every message that arrives before the
+//! publisher's answering close — so the closing handshake tells the
+//! publisher exactly what was taken.
 
+use std::convert::Infallible;
 use std::io::Cursor;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketRead, WebSocketWrite};
+use bytes::{Bytes, BytesMut};
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError, WebSocketRead};
+use futures_util::{FutureExt, Stream, StreamExt};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Chain, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Chain, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -39,8 +48,9 @@ use crate::batch;
 use crate::listener::readcap::ReadCap;
 use crate::listener::reply::error;
 use crate::listener::watchdog::{Slot, Tracked};
-use crate::publish;
+use crate::publish::{self, PublishError, Published};
 use crate::shared::Shared;
+use crate::wsframe;
 
 type Io = TokioIo<Upgraded>;
 
@@ -52,9 +62,17 @@ fn max_message(shared: &Shared) -> usize {
 /// How long the writer may take to send a close frame.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A batch stops taking further already-read messages once it holds this
+/// many bytes (one message of a max-rate publisher is larger: it is applied
+/// alone, as before batching) ...
+const GATHER_BYTES: usize = 64 << 10;
+/// ... or this many messages.
+const GATHER_MESSAGES: usize = 256;
+
 /// What the reader asks the writer to send.
 enum Out {
-    Text(String),
+    /// Text replies, in order.
+    Replies(Vec<String>),
     /// A control frame fastwebsockets obliges us to send (pong, close echo).
     Control(OpCode, Vec<u8>),
     /// Close with this code and reason, then stop.
@@ -100,36 +118,36 @@ pub fn upgrade(
 enum Halves {
     /// The read half replays first the bytes hyper read past the upgrade
     /// request, then reads the socket.
-    Plain(WebSocketRead<ReadCap<Chain<Cursor<Bytes>, OwnedReadHalf>>>, WebSocketWrite<OwnedWriteHalf>),
-    Shared(WebSocketRead<ReadCap<ReadHalf<Io>>>, WebSocketWrite<WriteHalf<Io>>),
+    Plain(WebSocketRead<ReadCap<Chain<Cursor<Bytes>, OwnedReadHalf>>>, OwnedWriteHalf),
+    Shared(WebSocketRead<ReadCap<ReadHalf<Io>>>, WriteHalf<Io>),
+}
+
+/// fastwebsockets' frame reader over `read`. Its writer comes only in a
+/// pair and writes a frame per call, so ours is dropped: replies are
+/// encoded with [`wsframe`] and written many to a syscall.
+fn reader<R: AsyncRead + Unpin>(read: R) -> WebSocketRead<R> {
+    fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server).0
 }
 
 fn split(ws: fastwebsockets::WebSocket<Io>) -> Halves {
     match ws.into_inner().into_inner().downcast::<TokioIo<Tracked<TcpStream>>>() {
         Ok(parts) => {
             let (r, w) = parts.io.into_inner().into_inner().into_split();
-            let read = ReadCap::new(Cursor::new(parts.read_buf).chain(r));
-            let (rd, wr) = fastwebsockets::after_handshake_split(read, w, Role::Server);
-            Halves::Plain(rd, wr)
+            Halves::Plain(reader(ReadCap::new(Cursor::new(parts.read_buf).chain(r))), w)
         }
         Err(upgraded) => {
             let (r, w) = tokio::io::split(TokioIo::new(upgraded));
-            let (rd, wr) = fastwebsockets::after_handshake_split(ReadCap::new(r), w, Role::Server);
-            Halves::Shared(rd, wr)
+            Halves::Shared(reader(ReadCap::new(r)), w)
         }
     }
 }
 
-async fn run<R, W>(
-    mut rd: WebSocketRead<R>,
-    wr: WebSocketWrite<W>,
-    shared: &Shared,
-    acks: bool,
-    shutdown: CancellationToken,
-) where
+async fn run<R, W>(rd: WebSocketRead<R>, wr: W, shared: &Shared, acks: bool, shutdown: CancellationToken)
+where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let mut rd = rd;
     rd.set_auto_close(true);
     rd.set_auto_pong(true);
     // fastwebsockets refuses a frame when `len >= max`, so allow exactly the limit.
@@ -150,101 +168,286 @@ async fn run<R, W>(
     }
 }
 
+/// One frame as read, its payload owned (fastwebsockets hands a frame's
+/// bytes out of its buffer without a copy).
+struct ReadFrame {
+    fin: bool,
+    op: OpCode,
+    payload: BytesMut,
+}
+
+/// A frame read (or why none was), and the close frame owed in answer
+/// when it was a close: the reader sends that after the replies to the
+/// messages before it, so a publisher's close is answered only once all
+/// it sent was.
+type Read = (Result<ReadFrame, WebSocketError>, Option<Vec<u8>>);
+
+/// The stream's frames. A stream keeps its pending read when `next()` is
+/// dropped unfinished (fastwebsockets' `read_frame` future does not: it
+/// takes a frame's header before it waits for the payload), which is what
+/// lets the reader ask for a frame "only if already read" and wait for it
+/// later. Pongs fastwebsockets owes go straight to the writer.
+fn frames<R: AsyncRead + Unpin>(
+    rd: WebSocketRead<R>,
+    obligated: mpsc::Sender<Out>,
+) -> impl Stream<Item = Read> {
+    futures_util::stream::unfold((rd, obligated), |(mut rd, obligated)| async move {
+        let mut echo = None;
+        let mut send = |f: Frame<'_>| {
+            match f.opcode {
+                OpCode::Close => echo = Some(f.payload.to_vec()),
+                op => drop(obligated.try_send(Out::Control(op, f.payload.to_vec()))),
+            }
+            std::future::ready(Ok::<(), Infallible>(()))
+        };
+        let read = rd.read_frame(&mut send).await.map(|f| ReadFrame {
+            fin: f.fin,
+            op: f.opcode,
+            payload: match f.payload {
+                Payload::Bytes(b) => b,
+                other => BytesMut::from(&other[..]),
+            },
+        });
+        Some(((read, echo), (rd, obligated)))
+    })
+}
+
+/// One complete message.
+struct Message {
+    op: OpCode,
+    bytes: BytesMut,
+    /// Gathered from fragments: its UTF-8 is still to be checked
+    /// (fastwebsockets checks unfragmented text frames itself).
+    gathered: bool,
+}
+
+/// What a frame meant for the stream.
+enum Step {
+    Message(Message),
+    /// Nothing to apply yet (a fragment, a ping, a pong).
+    More,
+    /// The stream ends, with this close frame to send when `Some`.
+    End(Option<Out>),
+}
+
+/// Reassembles fragmented messages, up to `cap` bytes.
+struct Assembler {
+    cap: usize,
+    partial: Option<(OpCode, BytesMut)>,
+}
+
+impl Assembler {
+    fn feed(&mut self, read: Option<Read>) -> Step {
+        let close = |code, reason| Step::End(Some(Out::Close(code, reason)));
+        let f = match read {
+            Some((_, Some(echo))) => return Step::End(Some(Out::Control(OpCode::Close, echo))),
+            Some((Ok(f), None)) => f,
+            Some((Err(WebSocketError::FrameTooLarge), None)) => {
+                return close(1009, "message over the batch limit")
+            }
+            Some((Err(WebSocketError::InvalidUTF8), None)) => return close(1007, "invalid UTF-8"),
+            Some((Err(_), None)) | None => return Step::End(None),
+        };
+        match f.op {
+            OpCode::Close => Step::End(None),
+            OpCode::Ping | OpCode::Pong => Step::More,
+            OpCode::Text | OpCode::Binary if self.partial.is_some() => {
+                close(1002, "new message inside a fragmented one")
+            }
+            OpCode::Text | OpCode::Binary if f.fin => {
+                Step::Message(Message { op: f.op, bytes: f.payload, gathered: false })
+            }
+            OpCode::Text | OpCode::Binary => {
+                self.partial = Some((f.op, f.payload));
+                Step::More
+            }
+            OpCode::Continuation => {
+                let Some((op, mut buf)) = self.partial.take() else {
+                    return close(1002, "continuation without a message");
+                };
+                if buf.len() + f.payload.len() > self.cap {
+                    return close(1009, "message over the batch limit");
+                }
+                buf.extend_from_slice(&f.payload);
+                if !f.fin {
+                    self.partial = Some((op, buf));
+                    return Step::More;
+                }
+                Step::Message(Message { op, bytes: buf, gathered: true })
+            }
+        }
+    }
+}
+
 /// Reads, reassembles and applies messages until the stream ends.
 async fn read_loop<R: AsyncRead + Unpin>(
-    mut rd: WebSocketRead<R>,
+    rd: WebSocketRead<R>,
     shared: &Shared,
     acks: bool,
     tx: mpsc::Sender<Out>,
     start: tokio::time::Instant,
     last_recv: &AtomicU64,
 ) {
-    let cap = max_message(shared);
-    let mut partial: Option<(OpCode, Vec<u8>)> = None;
+    let frames = frames(rd, tx.clone());
+    tokio::pin!(frames);
+    let mut asm = Assembler { cap: max_message(shared), partial: None };
+    let mut batch = Vec::new();
+    // Relaxed: a timestamp read by the writer on the same task.
+    let seen = || last_recv.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     loop {
-        let obligated = tx.clone();
-        let mut send = move |f: Frame<'_>| {
-            let _ = obligated.try_send(Out::Control(f.opcode, f.payload.to_vec()));
-            std::future::ready(Ok::<(), std::convert::Infallible>(()))
-        };
-        let frame = match rd.read_frame(&mut send).await {
-            Ok(f) => f,
-            Err(fastwebsockets::WebSocketError::FrameTooLarge) => {
-                let _ = tx.send(Out::Close(1009, "message over the batch limit")).await;
-                return;
-            }
-            Err(fastwebsockets::WebSocketError::InvalidUTF8) => {
-                let _ = tx.send(Out::Close(1007, "invalid UTF-8")).await;
-                return;
-            }
-            Err(_) => return,
-        };
-        // Relaxed: a timestamp read by the writer on the same task.
-        last_recv.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        // A whole message is used where fastwebsockets read it (no copy);
-        // only a fragmented one is gathered into a buffer of its own.
-        let gathered: Vec<u8>;
-        let (op, message): (OpCode, &[u8]) = match frame.opcode {
-            OpCode::Close => return,
-            OpCode::Ping | OpCode::Pong => continue,
-            OpCode::Text | OpCode::Binary if partial.is_some() => {
-                let _ = tx.send(Out::Close(1002, "new message inside a fragmented one")).await;
-                return;
-            }
-            OpCode::Text | OpCode::Binary if frame.fin => (frame.opcode, &frame.payload),
-            OpCode::Text | OpCode::Binary => {
-                partial = Some((frame.opcode, frame.payload.to_vec()));
-                continue;
-            }
-            OpCode::Continuation => {
-                let Some((op, mut buf)) = partial.take() else {
-                    let _ = tx.send(Out::Close(1002, "continuation without a message")).await;
-                    return;
-                };
-                if buf.len() + frame.payload.len() > cap {
-                    let _ = tx.send(Out::Close(1009, "message over the batch limit")).await;
-                    return;
+        let mut end = loop {
+            let read = frames.next().await;
+            seen();
+            match asm.feed(read) {
+                Step::Message(m) => {
+                    batch.push(m);
+                    break None;
                 }
-                buf.extend_from_slice(&frame.payload);
-                if !frame.fin {
-                    partial = Some((op, buf));
-                    continue;
-                }
-                gathered = buf;
-                (op, &gathered)
+                Step::More => continue,
+                Step::End(close) => break Some(close),
             }
         };
-        let replies = match op {
-            OpCode::Text => {
-                if std::str::from_utf8(message).is_err() {
-                    let _ = tx.send(Out::Close(1007, "invalid UTF-8")).await;
-                    return;
-                }
-                match handle_message(shared, message, acks).await {
-                    Ok(replies) => replies,
-                    Err(()) => {
-                        let _ = tx.send(Out::Close(1009, "more than 1000 items in one message")).await;
-                        return;
-                    }
-                }
+        if end.is_none() {
+            end = gather(frames.as_mut(), &mut asm, &mut batch, seen);
+        }
+        match apply(shared, &batch, acks, &tx).await {
+            Flow::Go => batch.clear(),
+            Flow::Gone => return,
+            Flow::Close(code, reason) => end = Some(Some(Out::Close(code, reason))),
+        }
+        if let Some(close) = end {
+            if let Some(close) = close {
+                let _ = tx.send(close).await;
             }
-            _ => vec![serde_json::json!({
-                "type": "error", "code": "bad_request", "message": "send publish objects as text frames", "index": 0
-            })
-            .to_string()],
-        };
-        for r in replies {
-            if tx.send(Out::Text(r)).await.is_err() {
-                return;
-            }
+            return;
         }
     }
 }
 
+/// Adds to `batch` every further message already read, without waiting,
+/// up to [`GATHER_BYTES`] and [`GATHER_MESSAGES`]; `Some` when the stream
+/// ended meanwhile.
+fn gather<S>(
+    mut frames: std::pin::Pin<&mut S>,
+    asm: &mut Assembler,
+    batch: &mut Vec<Message>,
+    seen: impl Fn(),
+) -> Option<Option<Out>>
+where
+    S: Stream<Item = Read>,
+{
+    let mut bytes: usize = batch.iter().map(|m| m.bytes.len()).sum();
+    while bytes < GATHER_BYTES && batch.len() < GATHER_MESSAGES {
+        let read = frames.next().now_or_never()?;
+        seen();
+        match asm.feed(read) {
+            Step::Message(m) => {
+                bytes += m.bytes.len();
+                batch.push(m);
+            }
+            Step::More => {}
+            Step::End(close) => return Some(close),
+        }
+    }
+    None
+}
+
+/// What the reader does after a batch.
+enum Flow {
+    Go,
+    /// The writer is gone.
+    Gone,
+    /// A message broke the stream's rules: the ones before it were applied.
+    Close(u16, &'static str),
+}
+
+/// What a message of a batch is answered with.
+enum Answer {
+    /// Its items, a range of the batch's.
+    Items(Range<usize>),
+    /// One error frame (the message was not applied).
+    Refused(String),
+}
+
+/// Applies a batch's messages in order as one publish, then sends each
+/// message's replies, in order, in one hand-over to the writer.
+async fn apply(shared: &Shared, batch: &[Message], acks: bool, tx: &mpsc::Sender<Out>) -> Flow {
+    let mut items = Vec::new();
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut flow = Flow::Go;
+    for m in batch {
+        if m.op != OpCode::Text {
+            answers.push(Answer::Refused(error_frame(
+                "bad_request",
+                "send publish objects as text frames",
+                0,
+            )));
+            continue;
+        }
+        if m.gathered && std::str::from_utf8(&m.bytes).is_err() {
+            flow = Flow::Close(1007, "invalid UTF-8");
+            break;
+        }
+        match batch::split(&m.bytes) {
+            Ok(its) => {
+                let from = items.len();
+                items.extend(its);
+                answers.push(Answer::Items(from..items.len()));
+            }
+            Err(e) if e.code == "too_many_items" => {
+                flow = Flow::Close(1009, "more than 1000 items in one message");
+                break;
+            }
+            Err(e) => {
+                shared.api_errors.count(e.code);
+                answers.push(Answer::Refused(error_frame(e.code, &e.message, 0)));
+            }
+        }
+    }
+    let results = match items.is_empty() {
+        true => Vec::new(),
+        false => publish::publish_items(shared, &items, acks, publish::Admission::Wait).await,
+    };
+    let mut replies = Vec::new();
+    for answer in answers {
+        match answer {
+            Answer::Refused(frame) => replies.push(frame),
+            Answer::Items(range) => replies.extend(answer_items(&results[range], acks)),
+        }
+    }
+    if !replies.is_empty() && tx.send(Out::Replies(replies)).await.is_err() {
+        return Flow::Gone;
+    }
+    flow
+}
+
+/// A message's replies: its ack, or (fire-and-forget) an error frame per
+/// refused item.
+fn answer_items(results: &[Result<Published, PublishError>], acks: bool) -> Vec<String> {
+    if acks {
+        let mut ack = String::with_capacity(32 + 32 * results.len());
+        ack.push_str("{\"type\":\"ack\",\"results\":");
+        publish::write_results(&mut ack, results);
+        ack.push('}');
+        return vec![ack];
+    }
+    results
+        .iter()
+        .enumerate()
+        .filter_map(|(index, r)| r.as_ref().err().map(|e| error_frame(e.code(), &e.to_string(), index)))
+        .collect()
+}
+
+/// `{"type":"error",...}` for the item at `index` of a message.
+fn error_frame(code: &str, message: &str, index: usize) -> String {
+    serde_json::json!({"type": "error", "code": code, "message": message, "index": index}).to_string()
+}
+
 /// Sends replies and pings; closes idle publishers and, at shutdown, sends
 /// 1001 (the reader keeps applying until the publisher answers it).
+/// Everything queued when it wakes goes out in one write.
 async fn write_loop<W: AsyncWrite + Unpin>(
-    mut wr: WebSocketWrite<W>,
+    mut wr: W,
     shared: &Shared,
     mut rx: mpsc::Receiver<Out>,
     shutdown: CancellationToken,
@@ -256,6 +459,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let idle_check = (cfg.idle_timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
     let mut idle = tokio::time::interval_at(start + idle_check, idle_check);
     let mut close_sent = false;
+    let mut buf = Vec::with_capacity(4096);
     // Registered once, not per reply: the token's waiter list is behind a mutex.
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
@@ -278,63 +482,67 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             }
             _ = &mut cancelled, if !close_sent => {
                 close_sent = true;
-                let f = Frame::close(1001, b"server shutting down");
-                if tokio::time::timeout(CLOSE_WRITE_TIMEOUT, wr.write_frame(f)).await.is_err() {
+                buf.clear();
+                wsframe::put_close(&mut buf, 1001, "server shutting down");
+                if !matches!(tokio::time::timeout(CLOSE_WRITE_TIMEOUT, send(&mut wr, &buf)).await, Ok(Ok(()))) {
                     return;
                 }
                 continue;
             }
         };
-        let frame = match &out {
-            _ if close_sent && !matches!(out, Out::Text(_)) => continue, // one close per stream
-            Out::Text(t) => Frame::text(Payload::Borrowed(t.as_bytes())),
-            Out::Control(OpCode::Close, payload) => Frame::close_raw(Payload::Borrowed(payload)),
-            Out::Control(OpCode::Pong, payload) => Frame::pong(Payload::Borrowed(payload)),
-            Out::Control(OpCode::Ping, _) => Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[])),
-            Out::Control(..) => continue,
-            Out::Close(code, reason) => Frame::close(*code, reason.as_bytes()),
-        };
-        let is_close = frame.opcode == OpCode::Close;
-        let written = tokio::time::timeout(
-            if is_close { CLOSE_WRITE_TIMEOUT } else { cfg.idle_timeout },
-            wr.write_frame(frame),
-        )
-        .await;
-        if !matches!(written, Ok(Ok(()))) || is_close {
+        buf.clear();
+        let mut closing = encode(&mut buf, out, close_sent);
+        while !closing {
+            match rx.try_recv() {
+                Ok(out) => closing = encode(&mut buf, out, close_sent),
+                Err(_) => break,
+            }
+        }
+        if buf.is_empty() {
+            continue;
+        }
+        let limit = if closing { CLOSE_WRITE_TIMEOUT } else { cfg.idle_timeout };
+        let written = tokio::time::timeout(limit, send(&mut wr, &buf)).await;
+        if !matches!(written, Ok(Ok(()))) || closing {
             return;
         }
     }
 }
 
-/// Applies one message's items; returns the frames to send back, or `Err`
-/// when it holds more items than a batch may.
-async fn handle_message(shared: &Shared, payload: &[u8], acks: bool) -> Result<Vec<String>, ()> {
-    let items = match batch::split(payload) {
-        Ok(items) => items,
-        Err(e) if e.code == "too_many_items" => return Err(()),
-        Err(e) => {
-            shared.api_errors.count(e.code);
-            let err = serde_json::json!({"type": "error", "code": e.code, "message": e.message, "index": 0});
-            return Ok(vec![err.to_string()]);
+/// Appends `out`'s frames to `buf`; true when it was a close (the last
+/// frame the writer sends). After our own close (shutdown) only replies
+/// still go out.
+fn encode(buf: &mut Vec<u8>, out: Out, close_sent: bool) -> bool {
+    match out {
+        Out::Replies(replies) => {
+            for r in &replies {
+                wsframe::put_frame(buf, wsframe::OP_TEXT, r.as_bytes());
+            }
+            false
         }
-    };
-    let results = publish::publish_items(shared, &items, acks, publish::Admission::Wait).await;
-    if acks {
-        let mut ack = String::with_capacity(32 + 32 * results.len());
-        ack.push_str("{\"type\":\"ack\",\"results\":");
-        publish::write_results(&mut ack, &results);
-        ack.push('}');
-        return Ok(vec![ack]);
+        _ if close_sent => false,
+        Out::Control(OpCode::Close, payload) => {
+            wsframe::put_frame(buf, wsframe::OP_CLOSE, &payload);
+            true
+        }
+        Out::Control(OpCode::Pong, payload) => {
+            wsframe::put_frame(buf, wsframe::OP_PONG, &payload);
+            false
+        }
+        Out::Control(OpCode::Ping, _) => {
+            wsframe::put_frame(buf, wsframe::OP_PING, &[]);
+            false
+        }
+        Out::Control(..) => false,
+        Out::Close(code, reason) => {
+            wsframe::put_close(buf, code, reason);
+            true
+        }
     }
-    Ok(results
-        .iter()
-        .enumerate()
-        .filter_map(|(index, r)| {
-            let e = r.as_ref().err()?;
-            let err = serde_json::json!({
-                "type": "error", "code": e.code(), "message": e.to_string(), "index": index
-            });
-            Some(err.to_string())
-        })
-        .collect())
+}
+
+/// Writes `bytes` and flushes (a TLS session may hold them otherwise).
+async fn send<W: AsyncWrite + Unpin>(wr: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    wr.write_all(bytes).await?;
+    wr.flush().await
 }
