@@ -18,6 +18,8 @@ use crate::shared::{broadcast_source, user_name, ws_config, Run, Ws, EVERYONE};
 /// One event handed to a publisher.
 pub(crate) struct Outgoing {
     pub(crate) user: usize,
+    /// When it was due, on the run's clock (the `t` in its data).
+    pub(crate) intended_us: u64,
     pub(crate) line: String,
 }
 
@@ -127,7 +129,7 @@ impl Iterator for Feed<'_> {
                 } else {
                     user % self.publishers
                 };
-                (self.t0 + intended, slot, Outgoing { user, line })
+                (self.t0 + intended, slot, Outgoing { user, intended_us, line })
             }
             Plan::Trace { events, planned } => {
                 let p = planned.get(nonce as usize)?;
@@ -135,7 +137,7 @@ impl Iterator for Feed<'_> {
                 let intended_us = self.base_us + p.at.as_micros() as u64;
                 let line =
                     event_line(Some(p.user), nonce, intended_us, &ev.event, &ev.priority, ev.bytes, with_id);
-                (self.t0 + p.at, p.user % self.publishers, Outgoing { user: p.user, line })
+                (self.t0 + p.at, p.user % self.publishers, Outgoing { user: p.user, intended_us, line })
             }
         };
         self.nonce += 1;
@@ -170,6 +172,8 @@ pub(crate) async fn schedule(
     let paced = tokio::task::spawn_blocking(move || {
         precise_sleeps();
         let spin = run.common.spin_pacing;
+        // A spinning thread must not be real-time: it would starve the core.
+        let _priority = (!spin).then(Realtime::enter);
         let mut sent = 0;
         let mut woke = Instant::now();
         for (due, slot, o) in Feed::new(&run, &plan, pubs.len(), t0) {
@@ -203,6 +207,44 @@ fn precise_sleeps() {
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1000, 0, 0, 0);
     }
+}
+
+/// Puts the calling thread in the real-time class (`SCHED_FIFO`, lowest
+/// priority) while held, so when it wakes it runs at once instead of
+/// waiting for the busy thread it shares a core with to use up its slice
+/// (events left up to ~5 ms late at 5,000 users, 30k/s; that counted as the
+/// broker's latency). It needs root or `CAP_SYS_NICE`; without, the thread
+/// keeps its class and the run says so. Only for threads that sleep
+/// between short bursts of work (the pacer, the publishers' runtime).
+pub(crate) struct Realtime(bool);
+
+impl Realtime {
+    pub(crate) fn enter() -> Self {
+        let entered = set_policy(libc::SCHED_FIFO, 1);
+        if !entered {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                eprintln!("note: no real-time priority for pacing (needs root or CAP_SYS_NICE)")
+            });
+        }
+        Realtime(entered)
+    }
+}
+
+impl Drop for Realtime {
+    fn drop(&mut self) {
+        if self.0 {
+            set_policy(libc::SCHED_OTHER, 0);
+        }
+    }
+}
+
+/// Sets the calling thread's scheduling policy; whether it took.
+fn set_policy(policy: libc::c_int, priority: libc::c_int) -> bool {
+    let param = libc::sched_param { sched_priority: priority };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param
+    // that outlives the call.
+    unsafe { libc::sched_setscheduler(0, policy, &param) == 0 }
 }
 
 /// Blocks the calling thread until `at`: sleeping, or with `spin` sleeping
@@ -246,6 +288,7 @@ pub(crate) async fn publisher_task(
     rx: flume::Receiver<Outgoing>,
 ) -> anyhow::Result<()> {
     let retry = run.common.retry_timeout;
+    let mut lag = SendLag::new(&run);
     let mut pending: std::collections::VecDeque<Unacked> = std::collections::VecDeque::new();
     let mut next_ws = Some(first);
     let mut input_done = false;
@@ -278,13 +321,14 @@ pub(crate) async fn publisher_task(
                 tokio::select! {
                     o = rx.recv_async(), if !input_done => match o {
                         Ok(first) => {
-                            let (frame, users) = next_frame(first, &rx);
+                            let (frame, users, due) = next_frame(first, &rx);
                             if run.common.no_acks {
                                 // Fire-and-forget: written is sent (the broker
                                 // reports a refused item with an error frame).
                                 if let Err(e) = sink.send(Message::text(frame)).await {
                                     return Err(anyhow!("publisher send: {e}"));
                                 }
+                                lag.written(&due);
                                 for u in &users {
                                     run.sent[*u].fetch_add(1, Ordering::Relaxed);
                                 }
@@ -294,6 +338,7 @@ pub(crate) async fn publisher_task(
                                 pending.push_back(Unacked { frame, users, sent_at: Instant::now() });
                                 break 'stream anyhow!("publisher send: {e}");
                             }
+                            lag.written(&due);
                             pending.push_back(Unacked { frame, users, sent_at: Instant::now() });
                         }
                         Err(_) => input_done = true,
@@ -384,6 +429,7 @@ pub(crate) async fn nats_publisher_task(
     rx: flume::Receiver<Outgoing>,
 ) -> anyhow::Result<()> {
     let mut seqs: std::collections::HashMap<usize, u64> = std::collections::HashMap::new();
+    let mut lag = SendLag::new(&run);
     while let Ok(first) = rx.recv_async().await {
         let mut batch = vec![first];
         while batch.len() < 1000 {
@@ -400,6 +446,7 @@ pub(crate) async fn nats_publisher_task(
             publisher.queue(&user_name(o.user), payload.as_bytes());
         }
         publisher.flush().await?;
+        lag.written(&batch.iter().map(|o| o.intended_us).collect::<Vec<_>>());
         for o in &batch {
             run.sent[o.user].fetch_add(1, Ordering::Relaxed);
         }
@@ -407,9 +454,11 @@ pub(crate) async fn nats_publisher_task(
     publisher.sync().await
 }
 
-/// Takes `first` and whatever else is queued (up to 1,000 events) as one NDJSON frame.
-pub(crate) fn next_frame(first: Outgoing, rx: &flume::Receiver<Outgoing>) -> (String, Vec<usize>) {
+/// Takes `first` and whatever else is queued (up to 1,000 events) as one
+/// NDJSON frame; with its events' users and due times.
+pub(crate) fn next_frame(first: Outgoing, rx: &flume::Receiver<Outgoing>) -> (String, Vec<usize>, Vec<u64>) {
     let mut users = vec![first.user];
+    let mut due = vec![first.intended_us];
     let mut frame = first.line;
     while users.len() < 1000 {
         match rx.try_recv() {
@@ -417,11 +466,42 @@ pub(crate) fn next_frame(first: Outgoing, rx: &flume::Receiver<Outgoing>) -> (St
                 frame.push('\n');
                 frame.push_str(&o.line);
                 users.push(o.user);
+                due.push(o.intended_us);
             }
             Err(_) => break,
         }
     }
-    (frame, users)
+    (frame, users, due)
+}
+
+/// Samples how late events leave the generator: from their due time to
+/// their frame's write into the broker's socket (measured window only).
+/// Beside the end-to-end latency, this is the generator's own share.
+pub(crate) struct SendLag<'a> {
+    run: &'a Run,
+    batch: Vec<u64>,
+}
+
+impl<'a> SendLag<'a> {
+    pub(crate) fn new(run: &'a Run) -> Self {
+        SendLag { run, batch: Vec::with_capacity(256) }
+    }
+
+    /// Records the events of a frame just written.
+    pub(crate) fn written(&mut self, due: &[u64]) {
+        let now = self.run.start.elapsed().as_micros() as u64;
+        let from = self.run.measure_from_us.load(Ordering::Relaxed);
+        self.batch.extend(due.iter().filter(|&&t| t >= from).map(|&t| now.saturating_sub(t)));
+        if self.batch.len() >= 256 {
+            let _ = self.run.send_lag_tx.send(std::mem::replace(&mut self.batch, Vec::with_capacity(256)));
+        }
+    }
+}
+
+impl Drop for SendLag<'_> {
+    fn drop(&mut self) {
+        let _ = self.run.send_lag_tx.send(std::mem::take(&mut self.batch));
+    }
 }
 
 /// Opens a new publisher stream, retrying for up to [`RECONNECT_FOR`].

@@ -45,12 +45,13 @@ pub(crate) async fn progress_task(run: Arc<Run>) {
 pub(crate) fn report(
     common: &Common,
     t: &Totals,
-    h: &Histogram<u64>,
+    (h, lag): (&Histogram<u64>, &Histogram<u64>),
     publish: Duration,
     delivery: Duration,
     plan: &Plan,
 ) -> anyhow::Result<()> {
     let pct = |q: f64| if h.is_empty() { 0 } else { h.value_at_quantile(q) };
+    let lag_pct = |q: f64| lag.value_at_quantile(q);
     let delivered_per_s = t.received as f64 / delivery.as_secs_f64().max(1e-9);
     let sent_per_s = t.sent as f64 / publish.as_secs_f64().max(1e-9);
     let mode = match plan {
@@ -85,6 +86,14 @@ pub(crate) fn report(
         pct(0.999),
         h.max()
     );
+    if !lag.is_empty() {
+        println!(
+            "  send lag µs p50={} p99={} p99.9={}  (intended send time → written to the broker: the generator's share)",
+            lag_pct(0.5),
+            lag_pct(0.99),
+            lag_pct(0.999)
+        );
+    }
     println!("  result      {}", if t.ok() { "OK" } else { "FAILED" });
     if let Some(path) = &common.hgrm {
         std::fs::write(path, switchyard::observe::hgrm(h))
@@ -96,6 +105,9 @@ pub(crate) fn report(
         v["sent_per_s"] = json!(sent_per_s);
         v["latency_us"] =
             json!({"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "p999": pct(0.999), "max": h.max()});
+        if !lag.is_empty() {
+            v["send_lag_us"] = json!({"p50": lag_pct(0.5), "p99": lag_pct(0.99), "p999": lag_pct(0.999)});
+        }
         v["ok"] = json!(t.ok());
         std::fs::write(path, serde_json::to_string_pretty(&v)?)
             .with_context(|| format!("writing {}", path.display()))?;

@@ -30,6 +30,8 @@ pub(crate) struct Run {
     /// Publisher streams replaced after an ack timeout or a failure.
     pub(crate) retries: AtomicU64,
     pub(crate) latency_tx: flume::Sender<Vec<u64>>,
+    /// Samples of how late events were written to the broker (µs).
+    pub(crate) send_lag_tx: flume::Sender<Vec<u64>>,
     /// Microseconds after `start` at which the measured window opens (set
     /// when publishing starts); earlier events are not sampled for latency.
     pub(crate) measure_from_us: AtomicU64,
