@@ -159,6 +159,57 @@ async fn pipelined_stream_messages_are_answered_in_order() {
     b.stop().await;
 }
 
+/// Messages that reach the broker in one write are applied as one batch:
+/// each still gets its own reply, in order, whatever it holds (items, a
+/// bad item, a binary frame, a fragmented message), and the publisher's
+/// close is answered only after all of them.
+#[tokio::test]
+async fn a_burst_of_stream_messages_is_answered_message_by_message_then_closed() {
+    use tokio::io::AsyncWriteExt;
+    let b = TestBroker::start();
+    let (mut client, _) = b.connect("burst").await;
+    let mut s = tokio::net::TcpStream::connect(b.api).await.unwrap();
+    let auth = b.api_key.as_deref().map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let mut out = format!(
+        "GET /v1/stream?acks=1 HTTP/1.1\r\nHost: localhost\r\n{auth}Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .into_bytes();
+    let event = |n: u64| json!({"user": "burst", "event": "e", "data": n}).to_string();
+    out.extend(masked_frame(0x1, event(1).as_bytes()));
+    out.extend(masked_frame(0x1, format!("{}\n{}", event(2), event(3)).as_bytes()));
+    out.extend(masked_frame(0x1, b"{\"user\":\"burst\"}"));
+    out.extend(masked_frame(0x2, event(99).as_bytes()));
+    let whole = event(4);
+    let (first, rest) = whole.as_bytes().split_at(10);
+    let mut fragment = masked_frame(0x1, first);
+    fragment[0] &= 0x7f; // not FIN: a continuation follows
+    out.extend(fragment);
+    out.extend(masked_frame(0x0, rest));
+    out.extend(masked_frame(0x1, event(5).as_bytes()));
+    out.extend(masked_frame(0x8, &1000u16.to_be_bytes()));
+    s.write_all(&out).await.unwrap();
+    let (head, frames) = raw_read_to_end(s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let replies: Vec<Value> =
+        frames.iter().filter(|(op, _)| *op == 0x1).map(|(_, p)| serde_json::from_slice(p).unwrap()).collect();
+    let seqs = |r: &Value| -> Vec<Option<u64>> {
+        r["results"].as_array().map_or(Vec::new(), |a| a.iter().map(|x| x["seq"].as_u64()).collect())
+    };
+    assert_eq!(replies.len(), 6, "one reply per message: {replies:?}");
+    assert_eq!(seqs(&replies[0]), [Some(1)]);
+    assert_eq!(seqs(&replies[1]), [Some(2), Some(3)]);
+    assert_eq!(replies[2]["results"][0]["error"]["code"], "missing_field", "{}", replies[2]);
+    assert_eq!((&replies[3]["type"], &replies[3]["code"]), (&json!("error"), &json!("bad_request")));
+    assert_eq!(seqs(&replies[4]), [Some(4)], "the fragmented message");
+    assert_eq!(seqs(&replies[5]), [Some(5)]);
+    let last = frames.last().expect("frames");
+    assert_eq!((last.0, &last.1[..]), (0x8, &1000u16.to_be_bytes()[..]), "the close echo comes last");
+    let evs = next_events(&mut client, 5).await;
+    assert_eq!(evs.iter().map(|e| e["data"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn a_stream_frame_sent_with_the_upgrade_request_is_applied() {
     let b = TestBroker::start();

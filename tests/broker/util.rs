@@ -296,25 +296,39 @@ pub async fn raw_ws_silent(addr: SocketAddr, query: &str) -> TcpStream {
 }
 
 /// Reads a raw server stream to its end and returns the close code it carried.
-pub async fn raw_close_code(mut s: TcpStream) -> Option<u16> {
+pub async fn raw_close_code(s: TcpStream) -> Option<u16> {
+    let (_, frames) = raw_read_to_end(s).await;
+    let (_, close) = frames.iter().find(|(op, p)| *op == 0x8 && p.len() >= 2)?;
+    Some(u16::from_be_bytes([close[0], close[1]]))
+}
+
+/// Reads a raw server stream to its end: the HTTP head, then every whole
+/// server (unmasked) frame after it as (opcode, payload).
+pub async fn raw_read_to_end(mut s: TcpStream) -> (String, Vec<(u8, Vec<u8>)>) {
     use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await.expect("stream ends in time");
-    let start = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    let mut i = start;
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4) else {
+        return (String::from_utf8_lossy(&buf).into_owned(), Vec::new());
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut frames = Vec::new();
+    let mut i = end;
     while i + 2 <= buf.len() {
         let op = buf[i] & 0x0f;
         let (hdr, len) = match buf[i + 1] & 0x7f {
-            126 => (4, u16::from_be_bytes([buf[i + 2], buf[i + 3]]) as usize),
-            127 => (10, u64::from_be_bytes(buf[i + 2..i + 10].try_into().ok()?) as usize),
+            126 if i + 4 <= buf.len() => (4, u16::from_be_bytes([buf[i + 2], buf[i + 3]]) as usize),
+            127 if i + 10 <= buf.len() => {
+                (10, u64::from_be_bytes(buf[i + 2..i + 10].try_into().unwrap()) as usize)
+            }
+            126 | 127 => break,
             n => (2, n as usize),
         };
-        if op == 0x8 && len >= 2 {
-            return Some(u16::from_be_bytes([buf[i + hdr], buf[i + hdr + 1]]));
-        }
+        let Some(payload) = buf.get(i + hdr..i + hdr + len) else { break };
+        frames.push((op, payload.to_vec()));
         i += hdr + len;
     }
-    None
+    (head, frames)
 }
 
 /// A masked client frame (FIN set) as a browser would send it.
