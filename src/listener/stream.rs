@@ -142,12 +142,11 @@ fn split(ws: fastwebsockets::WebSocket<Io>) -> Halves {
     }
 }
 
-async fn run<R, W>(rd: WebSocketRead<R>, wr: W, shared: &Shared, acks: bool, shutdown: CancellationToken)
+async fn run<R, W>(mut rd: WebSocketRead<R>, wr: W, shared: &Shared, acks: bool, shutdown: CancellationToken)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut rd = rd;
     rd.set_auto_close(true);
     rd.set_auto_pong(true);
     // fastwebsockets refuses a frame when `len >= max`, so allow exactly the limit.
