@@ -7,6 +7,7 @@
 mod args;
 mod clients;
 mod http;
+mod priority;
 mod publishers;
 mod report;
 mod shared;
@@ -103,7 +104,9 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .thread_name("publishers")
-                .on_thread_start(|| std::mem::forget(publishers::Realtime::enter()))
+                .on_thread_start(|| {
+                    priority::enter(priority::Role::Publishers);
+                })
                 .enable_all()
                 .build()?,
         ),
@@ -170,7 +173,7 @@ fn raise_fd_limit() {
 
 /// Gathers latency samples (µs) into a histogram until every sender is gone.
 async fn collect(samples: flume::Receiver<Vec<u64>>) -> Histogram<u64> {
-    let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds");
+    let mut h = shared::latency_histogram();
     while let Ok(batch) = samples.recv_async().await {
         for v in batch {
             let _ = h.record(v.clamp(1, 3_600_000_000));
@@ -191,7 +194,6 @@ async fn run(common: Common, plan: Plan, publishing: tokio::runtime::Handle) -> 
         bail!("--peer nats has no resume and no SSE: use --churn 0 and --transport ws");
     }
     let (latency_tx, latency_rx) = flume::unbounded::<Vec<u64>>();
-    let (send_lag_tx, send_lag_rx) = flume::unbounded::<Vec<u64>>();
     let run = Arc::new(Run {
         sent: (0..common.users).map(|_| AtomicU64::new(0)).collect(),
         broadcasts: AtomicU64::new(0),
@@ -202,14 +204,13 @@ async fn run(common: Common, plan: Plan, publishing: tokio::runtime::Handle) -> 
         resume_failed: AtomicU64::new(0),
         retries: AtomicU64::new(0),
         latency_tx,
-        send_lag_tx,
+        send_lag: std::sync::Mutex::new(shared::latency_histogram()),
         measure_from_us: AtomicU64::new(u64::MAX),
         start: Instant::now(),
         common: common.clone(),
         targets: targets.clone(),
     });
     let collector = tokio::spawn(collect(latency_rx));
-    let send_lag = tokio::spawn(collect(send_lag_rx));
 
     let shed_before = broker_shed(&apis, common.api_key.as_deref()).await?;
 
@@ -305,9 +306,13 @@ async fn run(common: Common, plan: Plan, publishing: tokio::runtime::Handle) -> 
     totals.retried = run.retries.load(Ordering::Relaxed);
     let shed_after = broker_shed(&apis, common.api_key.as_deref()).await?;
     totals.settle(shed_after.saturating_sub(shed_before));
+    // Every publisher has ended and merged its own.
+    let send_lag = std::mem::replace(
+        &mut *run.send_lag.lock().unwrap_or_else(|e| e.into_inner()),
+        shared::latency_histogram(),
+    );
     drop(run);
     let hist = collector.await?;
-    let send_lag = send_lag.await?;
     let broker_latency = broker_histogram(&api, &common).await?;
     report(&common, &totals, (&hist, &send_lag), publish_elapsed, delivery_elapsed, &plan)?;
     report_window(&common, &cpu, broker_latency.as_ref())?;

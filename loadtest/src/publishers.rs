@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::args::{Plan, PRIORITIES};
+use crate::priority;
 use crate::shared::{broadcast_source, user_name, ws_config, Run, Ws, EVERYONE};
 
 /// One event handed to a publisher.
@@ -173,18 +175,28 @@ pub(crate) async fn schedule(
         precise_sleeps();
         let spin = run.common.spin_pacing;
         // A spinning thread must not be real-time: it would starve the core.
-        let _priority = (!spin).then(Realtime::enter);
+        let mut realtime = !spin && priority::enter(priority::Role::Pacer);
         let mut sent = 0;
         let mut woke = Instant::now();
         for (due, slot, o) in Feed::new(&run, &plan, pubs.len(), t0) {
-            if due > Instant::now() {
+            let now = Instant::now();
+            if due > now {
                 sleep_until(due.max(woke + PACE_QUANTUM), spin);
                 woke = Instant::now();
+            } else if realtime && now - due > BEHIND {
+                // Never sleeping, a real-time pacer would starve the clients,
+                // and real-time publishers would take its events one by one.
+                realtime = false;
+                priority::leave_all();
+                eprintln!("note: pacing fell {BEHIND:?} behind: the generator is the bottleneck of this run; pacing at normal priority from here");
             }
             if pubs[slot].send(o).is_err() {
                 break;
             }
             sent += 1;
+        }
+        if realtime {
+            priority::leave_self(); // a blocking-pool thread: it may be reused
         }
         (sent, plan)
     });
@@ -209,43 +221,9 @@ fn precise_sleeps() {
     }
 }
 
-/// Puts the calling thread in the real-time class (`SCHED_FIFO`, lowest
-/// priority) while held, so when it wakes it runs at once instead of
-/// waiting for the busy thread it shares a core with to use up its slice
-/// (events left up to ~5 ms late at 5,000 users, 30k/s; that counted as the
-/// broker's latency). It needs root or `CAP_SYS_NICE`; without, the thread
-/// keeps its class and the run says so. Only for threads that sleep
-/// between short bursts of work (the pacer, the publishers' runtime).
-pub(crate) struct Realtime(bool);
-
-impl Realtime {
-    pub(crate) fn enter() -> Self {
-        let entered = set_policy(libc::SCHED_FIFO, 1);
-        if !entered {
-            static ONCE: std::sync::Once = std::sync::Once::new();
-            ONCE.call_once(|| {
-                eprintln!("note: no real-time priority for pacing (needs root or CAP_SYS_NICE)")
-            });
-        }
-        Realtime(entered)
-    }
-}
-
-impl Drop for Realtime {
-    fn drop(&mut self) {
-        if self.0 {
-            set_policy(libc::SCHED_OTHER, 0);
-        }
-    }
-}
-
-/// Sets the calling thread's scheduling policy; whether it took.
-fn set_policy(policy: libc::c_int, priority: libc::c_int) -> bool {
-    let param = libc::sched_param { sched_priority: priority };
-    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param
-    // that outlives the call.
-    unsafe { libc::sched_setscheduler(0, policy, &param) == 0 }
-}
+/// How far behind its schedule the pacer may fall before the sending side
+/// gives up its real-time priority.
+const BEHIND: Duration = Duration::from_millis(5);
 
 /// Blocks the calling thread until `at`: sleeping, or with `spin` sleeping
 /// until 50 µs before it and spinning the rest.
@@ -476,31 +454,32 @@ pub(crate) fn next_frame(first: Outgoing, rx: &flume::Receiver<Outgoing>) -> (St
 
 /// Samples how late events leave the generator: from their due time to
 /// their frame's write into the broker's socket (measured window only).
-/// Beside the end-to-end latency, this is the generator's own share.
+/// Beside the end-to-end latency, this is the generator's own share. Kept
+/// per publisher and merged into the run's once, when the publisher ends.
 pub(crate) struct SendLag<'a> {
     run: &'a Run,
-    batch: Vec<u64>,
+    hist: Histogram<u64>,
 }
 
 impl<'a> SendLag<'a> {
     pub(crate) fn new(run: &'a Run) -> Self {
-        SendLag { run, batch: Vec::with_capacity(256) }
+        SendLag { run, hist: crate::shared::latency_histogram() }
     }
 
     /// Records the events of a frame just written.
     pub(crate) fn written(&mut self, due: &[u64]) {
         let now = self.run.start.elapsed().as_micros() as u64;
         let from = self.run.measure_from_us.load(Ordering::Relaxed);
-        self.batch.extend(due.iter().filter(|&&t| t >= from).map(|&t| now.saturating_sub(t)));
-        if self.batch.len() >= 256 {
-            let _ = self.run.send_lag_tx.send(std::mem::replace(&mut self.batch, Vec::with_capacity(256)));
+        for &t in due.iter().filter(|&&t| t >= from) {
+            let _ = self.hist.record(now.saturating_sub(t).max(1));
         }
     }
 }
 
 impl Drop for SendLag<'_> {
     fn drop(&mut self) {
-        let _ = self.run.send_lag_tx.send(std::mem::take(&mut self.batch));
+        let mut all = self.run.send_lag.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = all.add(&self.hist);
     }
 }
 

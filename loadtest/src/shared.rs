@@ -30,13 +30,19 @@ pub(crate) struct Run {
     /// Publisher streams replaced after an ack timeout or a failure.
     pub(crate) retries: AtomicU64,
     pub(crate) latency_tx: flume::Sender<Vec<u64>>,
-    /// Samples of how late events were written to the broker (µs).
-    pub(crate) send_lag_tx: flume::Sender<Vec<u64>>,
+    /// How late events were written to the broker (µs), merged from every
+    /// publisher as it ends.
+    pub(crate) send_lag: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
     /// Microseconds after `start` at which the measured window opens (set
     /// when publishing starts); earlier events are not sampled for latency.
     pub(crate) measure_from_us: AtomicU64,
     /// The client listeners of the nodes (`--target`, split).
     pub(crate) targets: Vec<String>,
+}
+
+/// A histogram for latencies in µs (1 µs to an hour, 3 digits).
+pub(crate) fn latency_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds")
 }
 
 /// Splits a comma-separated listener list, without trailing slashes.
