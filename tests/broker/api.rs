@@ -169,12 +169,7 @@ async fn a_burst_of_stream_messages_is_answered_message_by_message_then_closed()
     let b = TestBroker::start();
     let (mut client, _) = b.connect("burst").await;
     let mut s = tokio::net::TcpStream::connect(b.api).await.unwrap();
-    let auth = b.api_key.as_deref().map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-    let mut out = format!(
-        "GET /v1/stream?acks=1 HTTP/1.1\r\nHost: localhost\r\n{auth}Upgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    )
-    .into_bytes();
+    let mut out = stream_upgrade_head(b.api_key.as_deref());
     let event = |n: u64| json!({"user": "burst", "event": "e", "data": n}).to_string();
     out.extend(masked_frame(0x1, event(1).as_bytes()));
     out.extend(masked_frame(0x1, format!("{}\n{}", event(2), event(3)).as_bytes()));

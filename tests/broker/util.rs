@@ -351,6 +351,17 @@ pub fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A hand-written publisher-stream upgrade request (`?acks=1`), to which
+/// raw client frames can be appended and sent in the same write.
+pub fn stream_upgrade_head(api_key: Option<&str>) -> Vec<u8> {
+    let auth = api_key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    format!(
+        "GET /v1/stream?acks=1 HTTP/1.1\r\nHost: localhost\r\n{auth}Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .into_bytes()
+}
+
 /// Sends a publisher-stream upgrade (`?acks=1`) and one publish frame in a
 /// single write — the frame arrives in the same packet as the request head,
 /// so the broker must hand the bytes it read past the head to the stream —
@@ -360,12 +371,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let auth = api_key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-    let mut out = format!(
-        "GET /v1/stream?acks=1 HTTP/1.1\r\nHost: localhost\r\n{auth}Upgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    )
-    .into_bytes();
+    let mut out = stream_upgrade_head(api_key);
     out.extend_from_slice(&masked_frame(0x1, body.as_bytes()));
     s.write_all(&out).await.expect("write");
     let mut got = Vec::new();
