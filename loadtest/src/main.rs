@@ -176,7 +176,7 @@ async fn collect(samples: flume::Receiver<Vec<u64>>) -> Histogram<u64> {
     let mut h = shared::latency_histogram();
     while let Ok(batch) = samples.recv_async().await {
         for v in batch {
-            let _ = h.record(v.clamp(1, 3_600_000_000));
+            shared::record_latency(&mut h, v);
         }
     }
     h

@@ -306,7 +306,7 @@ pub(crate) async fn publisher_task(
                                 if let Err(e) = sink.send(Message::text(frame)).await {
                                     return Err(anyhow!("publisher send: {e}"));
                                 }
-                                lag.written(&due);
+                                lag.written(due.iter().copied());
                                 for u in &users {
                                     run.sent[*u].fetch_add(1, Ordering::Relaxed);
                                 }
@@ -316,7 +316,7 @@ pub(crate) async fn publisher_task(
                                 pending.push_back(Unacked { frame, users, sent_at: Instant::now() });
                                 break 'stream anyhow!("publisher send: {e}");
                             }
-                            lag.written(&due);
+                            lag.written(due.iter().copied());
                             pending.push_back(Unacked { frame, users, sent_at: Instant::now() });
                         }
                         Err(_) => input_done = true,
@@ -424,7 +424,7 @@ pub(crate) async fn nats_publisher_task(
             publisher.queue(&user_name(o.user), payload.as_bytes());
         }
         publisher.flush().await?;
-        lag.written(&batch.iter().map(|o| o.intended_us).collect::<Vec<_>>());
+        lag.written(batch.iter().map(|o| o.intended_us));
         for o in &batch {
             run.sent[o.user].fetch_add(1, Ordering::Relaxed);
         }
@@ -467,11 +467,11 @@ impl<'a> SendLag<'a> {
     }
 
     /// Records the events of a frame just written.
-    pub(crate) fn written(&mut self, due: &[u64]) {
+    pub(crate) fn written(&mut self, due: impl IntoIterator<Item = u64>) {
         let now = self.run.start.elapsed().as_micros() as u64;
         let from = self.run.measure_from_us.load(Ordering::Relaxed);
-        for &t in due.iter().filter(|&&t| t >= from) {
-            let _ = self.hist.record(now.saturating_sub(t).max(1));
+        for t in due.into_iter().filter(|&t| t >= from) {
+            crate::shared::record_latency(&mut self.hist, now.saturating_sub(t));
         }
     }
 }

@@ -40,9 +40,17 @@ pub(crate) struct Run {
     pub(crate) targets: Vec<String>,
 }
 
+/// Longest latency a histogram holds (µs): an hour.
+const LATENCY_MAX_US: u64 = 3_600_000_000;
+
 /// A histogram for latencies in µs (1 µs to an hour, 3 digits).
 pub(crate) fn latency_histogram() -> hdrhistogram::Histogram<u64> {
-    hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds")
+    hdrhistogram::Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).expect("static bounds")
+}
+
+/// Records a latency in µs, clamped into the histogram's range.
+pub(crate) fn record_latency(h: &mut hdrhistogram::Histogram<u64>, us: u64) {
+    let _ = h.record(us.clamp(1, LATENCY_MAX_US));
 }
 
 /// Splits a comma-separated listener list, without trailing slashes.
