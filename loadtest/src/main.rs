@@ -209,6 +209,7 @@ async fn run(common: Common, plan: Plan, publishing: tokio::runtime::Handle) -> 
         start: Instant::now(),
         common: common.clone(),
         targets: targets.clone(),
+        names: (0..common.users).map(shared::user_name).collect(),
     });
     let collector = tokio::spawn(collect(latency_rx));
 

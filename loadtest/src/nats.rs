@@ -160,11 +160,22 @@ impl NatsPublisher {
         Ok(NatsPublisher { stream, out: Vec::with_capacity(64 * 1024) })
     }
 
-    /// Queues one `PUB` (written by [`flush`](Self::flush)).
-    pub fn queue(&mut self, user: &str, payload: &[u8]) {
-        self.out.extend_from_slice(format!("PUB {} {}\r\n", subject(user), payload.len()).as_bytes());
-        self.out.extend_from_slice(payload);
-        self.out.extend_from_slice(b"\r\n");
+    /// Queues one `PUB` (written by [`flush`](Self::flush)) whose payload is
+    /// the event frame of publish object `object` with `seq`:
+    /// `{"type":"event","seq":S,` followed by the object's members. Written
+    /// straight into the output buffer, with no allocation: at max rate this
+    /// is once per event, and the generator must stay cheaper than the
+    /// brokers it measures.
+    pub fn queue_event(&mut self, user: &str, seq: u64, object: &str) {
+        const HEAD: &str = "{\"type\":\"event\",\"seq\":";
+        let members = object.strip_prefix('{').unwrap_or(object);
+        let mut digits = itoa::Buffer::new();
+        let seq = digits.format(seq);
+        let len = HEAD.len() + seq.len() + 1 + members.len();
+        let mut n = itoa::Buffer::new();
+        for part in ["PUB u.", user, " ", n.format(len), "\r\n", HEAD, seq, ",", members, "\r\n"] {
+            self.out.extend_from_slice(part.as_bytes());
+        }
     }
 
     pub async fn flush(&mut self) -> anyhow::Result<()> {

@@ -38,6 +38,9 @@ pub(crate) struct Run {
     pub(crate) measure_from_us: AtomicU64,
     /// The client listeners of the nodes (`--target`, split).
     pub(crate) targets: Vec<String>,
+    /// Every user's name ([`user_name`]), made once: publishers name a
+    /// user in every event.
+    pub(crate) names: Vec<String>,
 }
 
 /// Longest latency a histogram holds (µs): an hour.
