@@ -17,9 +17,12 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+/// What a user's subject starts with (the user's name follows).
+const SUBJECT_PREFIX: &str = "u.";
+
 /// The subject a user's events are published on.
 pub fn subject(user: &str) -> String {
-    format!("u.{user}")
+    format!("{SUBJECT_PREFIX}{user}")
 }
 
 /// A subscriber over nats-server's WebSocket listener.
@@ -173,7 +176,9 @@ impl NatsPublisher {
         let seq = digits.format(seq);
         let len = HEAD.len() + seq.len() + 1 + members.len();
         let mut n = itoa::Buffer::new();
-        for part in ["PUB u.", user, " ", n.format(len), "\r\n", HEAD, seq, ",", members, "\r\n"] {
+        for part in
+            ["PUB ", SUBJECT_PREFIX, user, " ", n.format(len), "\r\n", HEAD, seq, ",", members, "\r\n"]
+        {
             self.out.extend_from_slice(part.as_bytes());
         }
     }
