@@ -105,6 +105,33 @@ pub fn without_keys(text: &[u8], drop: &dyn Fn(&str) -> bool) -> Result<Vec<u8>,
     Ok(out)
 }
 
+/// How many leading bytes of `b`, in whole eight-byte words, hold no quote,
+/// backslash or control character: string bytes that need no closer look.
+/// It stops at the first word that may hold one, so a byte loop finishes
+/// from there. (The load generator reads event frames with it too.)
+#[inline]
+pub fn plain_words(b: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // A byte of `x` is zero (or, with `n`, below `n` <= 128): the classic
+    // SWAR tests; a false positive only hands the bytes to the byte loop.
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let mut i = 0;
+    while let Some(chunk) = b.get(i..i + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        let special = zero(w ^ (ONES * u64::from(b'"')))
+            | zero(w ^ (ONES * u64::from(b'\\')))
+            | (w.wrapping_sub(ONES * 0x20) & !w & HIGH);
+        if special != 0 {
+            break;
+        }
+        i += 8;
+    }
+    i
+}
+
 struct Scanner<'a> {
     b: &'a [u8],
     /// The same input as text: it is checked to be UTF-8 once, up front, so
@@ -468,23 +495,7 @@ impl<'a> Scanner<'a> {
     /// Skips string bytes eight at a time while none of them is a quote, a
     /// backslash or a control character (the byte loop handles the rest).
     fn skip_plain(&mut self) {
-        const ONES: u64 = 0x0101_0101_0101_0101;
-        const HIGH: u64 = 0x8080_8080_8080_8080;
-        // A byte of `x` is zero (or, with `n`, below `n` <= 128): the classic
-        // SWAR tests; a false positive only hands the bytes to the byte loop.
-        let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
-        while let Some(chunk) = self.b.get(self.i..self.i + 8) {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(chunk);
-            let w = u64::from_le_bytes(word);
-            let special = zero(w ^ (ONES * u64::from(b'"')))
-                | zero(w ^ (ONES * u64::from(b'\\')))
-                | (w.wrapping_sub(ONES * 0x20) & !w & HIGH);
-            if special != 0 {
-                return;
-            }
-            self.i += 8;
-        }
+        self.i += plain_words(&self.b[self.i..]);
     }
 
     fn hex4(&mut self) -> Result<u16, ScanError> {
