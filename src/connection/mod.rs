@@ -21,7 +21,6 @@ pub mod sse_reader;
 pub mod transport;
 
 use std::cell::{Cell, RefCell};
-use std::io::IoSlice;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -37,9 +36,8 @@ use crate::wsframe;
 pub use queue::{Enqueued, Limits, OutQueue, Outbound};
 pub use transport::{HandedSocket, ReadSide, WriteSide};
 
-/// Most frames one vectored write carries (Linux IOV_MAX is 1024; 64 already
-/// amortises the syscall ~64×).
-pub const MAX_BATCH: usize = 64;
+/// Most frames one batch carries: as many as one write call takes.
+pub const MAX_BATCH: usize = transport::MAX_FRAMES_PER_WRITE;
 /// Most bytes one batch carries, so one connection cannot hog its shard.
 pub const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// Largest client message accepted (contract §3); larger closes with 1009.
@@ -405,12 +403,7 @@ async fn write_batch(conn: &Conn, sock: &mut WriteSide, batch: &[Outbound]) -> R
                 let rest = (off > 0).then(|| batch[idx].frame.slice(off..));
                 return Poll::Ready(Err(WriteFailed::Aborted { rest, untouched: idx == 0 && off == 0 }));
             }
-            let rest = &batch[idx..];
-            let mut slices = [IoSlice::new(&[]); MAX_BATCH];
-            for (i, (slot, o)) in slices.iter_mut().zip(rest).enumerate() {
-                *slot = IoSlice::new(&o.frame[if i == 0 { off } else { 0 }..]);
-            }
-            match Pin::new(&mut *sock).poll_write_vectored(cx, &slices[..rest.len().min(MAX_BATCH)]) {
+            match sock.poll_write_frames(cx, &batch[idx..], off) {
                 Poll::Pending => {
                     conn.park(cx);
                     Poll::Pending

@@ -38,6 +38,12 @@ pub struct Outbound {
     pub priority: Priority,
 }
 
+impl AsRef<[u8]> for Outbound {
+    fn as_ref(&self) -> &[u8] {
+        &self.frame
+    }
+}
+
 /// What happened to an event offered to the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enqueued {
