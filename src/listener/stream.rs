@@ -225,9 +225,13 @@ enum Step {
     Message(Message),
     /// Nothing to apply yet (a fragment, a ping, a pong).
     More,
-    /// The stream ends, with this close frame to send when `Some`.
-    End(Option<Out>),
+    /// The stream ends.
+    End(Ended),
 }
+
+/// How a stream ended: with this frame to send back (a close or its echo),
+/// or with nothing to send.
+struct Ended(Option<Out>);
 
 /// Reassembles fragmented messages, up to `cap` bytes.
 struct Assembler {
@@ -237,18 +241,18 @@ struct Assembler {
 
 impl Assembler {
     fn feed(&mut self, read: Option<Read>) -> Step {
-        let close = |code, reason| Step::End(Some(Out::Close(code, reason)));
+        let close = |code, reason| Step::End(Ended(Some(Out::Close(code, reason))));
         let f = match read {
-            Some((_, Some(echo))) => return Step::End(Some(Out::Control(OpCode::Close, echo))),
+            Some((_, Some(echo))) => return Step::End(Ended(Some(Out::Control(OpCode::Close, echo)))),
             Some((Ok(f), None)) => f,
             Some((Err(WebSocketError::FrameTooLarge), None)) => {
                 return close(1009, "message over the batch limit")
             }
             Some((Err(WebSocketError::InvalidUTF8), None)) => return close(1007, "invalid UTF-8"),
-            Some((Err(_), None)) | None => return Step::End(None),
+            Some((Err(_), None)) | None => return Step::End(Ended(None)),
         };
         match f.op {
-            OpCode::Close => Step::End(None),
+            OpCode::Close => Step::End(Ended(None)),
             OpCode::Ping | OpCode::Pong => Step::More,
             OpCode::Text | OpCode::Binary if self.partial.is_some() => {
                 close(1002, "new message inside a fragmented one")
@@ -303,7 +307,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     break None;
                 }
                 Step::More => continue,
-                Step::End(close) => break Some(close),
+                Step::End(ended) => break Some(ended),
             }
         };
         if end.is_none() {
@@ -312,11 +316,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
         match apply(shared, &batch, acks, &tx).await {
             Flow::Go => batch.clear(),
             Flow::Gone => return,
-            Flow::Close(code, reason) => end = Some(Some(Out::Close(code, reason))),
+            Flow::Close(code, reason) => end = Some(Ended(Some(Out::Close(code, reason)))),
         }
-        if let Some(close) = end {
-            if let Some(close) = close {
-                let _ = tx.send(close).await;
+        if let Some(Ended(last)) = end {
+            if let Some(frame) = last {
+                let _ = tx.send(frame).await;
             }
             return;
         }
@@ -331,7 +335,7 @@ fn gather<S>(
     asm: &mut Assembler,
     batch: &mut Vec<Message>,
     seen: impl Fn(),
-) -> Option<Option<Out>>
+) -> Option<Ended>
 where
     S: Stream<Item = Read>,
 {
@@ -345,7 +349,7 @@ where
                 batch.push(m);
             }
             Step::More => {}
-            Step::End(close) => return Some(close),
+            Step::End(ended) => return Some(ended),
         }
     }
     None
