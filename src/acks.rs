@@ -3,7 +3,9 @@
 //! slot per event, and each event's command carries an [`Ack`] — the block
 //! and its slot index. The shard fills the slot; the publisher awaits the
 //! whole block once. One allocation per request instead of one oneshot
-//! channel (and its wake) per event.
+//! channel (and its wake) per event. A fire-and-forget stream, which needs no
+//! result per event, has one slot per shard instead, answered by a fence
+//! command pushed after its events.
 //!
 //! An [`Ack`] dropped unanswered (its command was dropped at shutdown)
 //! marks its slot failed, so a waiter never hangs on it, as a dropped

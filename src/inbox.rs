@@ -98,6 +98,9 @@ pub enum Command {
         deadline: Instant,
     },
     Publish(PublishCmd),
+    /// Answer this once everything pushed before it (by the same producer)
+    /// has been applied: a fire-and-forget publisher's flow control.
+    Fence(Ack),
     Broadcast {
         event: Arc<PreparedEvent>,
         accepted: Instant,

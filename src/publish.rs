@@ -9,7 +9,9 @@
 //! A batch (or a `users` list) that needs more of a shard's ring than half
 //! its capacity is applied in ring-sized steps instead ([`submit_stepwise`]),
 //! waiting for room between steps, so no publish is refused for its size
-//! alone (contract §6).
+//! alone (contract §6). A publisher stream always goes stepwise and waits
+//! until its items are applied before reading on; without acks it waits on
+//! one fence per shard rather than an ack per item.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -234,19 +236,25 @@ fn command_count(items: &[Routed]) -> usize {
 }
 
 /// Submits items too large for one reservation: commands are buffered per
-/// shard and pushed a step at a time, waiting for room between steps. Every
-/// command carries an ack, so a step that could not be pushed is reported
-/// for its items instead of lost.
+/// shard and pushed a step at a time, waiting for room between steps. With
+/// `per_item` every command carries an ack (slot by slot); without, each
+/// shard that gets commands gets a [`Command::Fence`] after them, in slot
+/// `s` of `acks`, so the caller can wait until everything was applied; the
+/// items behind each shard's fence are returned beside the results. An item
+/// with a command in a step that could not be pushed is reported
+/// `Unavailable` instead of lost.
 async fn submit_stepwise(
     shared: &Shared,
     items: Vec<Routed>,
     acks: &Arc<Acks>,
-) -> Vec<Result<Pending, PublishError>> {
+    per_item: bool,
+) -> (Vec<Result<Pending, PublishError>>, Vec<Vec<usize>>) {
     let stamp = Stamp { accepted: Instant::now(), ts_ms: unix_ms() };
     let mut slot = 0;
+    let item_acks = per_item.then_some(acks);
     let step = step_size(shared);
     let deadline = tokio::time::Instant::now() + STEP_WAIT;
-    let mut buffers: Vec<Vec<Command>> = (0..shared.shards.len()).map(|_| Vec::new()).collect();
+    let mut steps: Vec<Step> = (0..shared.shards.len()).map(|_| Step::new(!per_item)).collect();
     // One item's commands, pushed into the buffers one at a time so that no
     // buffer ever holds more than a step (a `users` list may be long).
     let mut item_cmds: Vec<(usize, PublishCmd)> = Vec::new();
@@ -259,27 +267,80 @@ async fn submit_stepwise(
                 continue;
             }
         };
-        let pending =
-            commands(req, &shards, &stamp, Some(acks), &mut slot, |s, cmd| item_cmds.push((s, cmd)));
+        let index = out.len();
+        out.push(Ok(commands(req, &shards, &stamp, item_acks, &mut slot, |s, cmd| item_cmds.push((s, cmd)))));
         for (s, cmd) in item_cmds.drain(..) {
-            buffers[s].push(Command::Publish(cmd));
-            if buffers[s].len() >= step {
-                push_step(shared, s, &mut buffers[s], deadline).await;
+            steps[s].add(Command::Publish(cmd), index);
+            if steps[s].cmds.len() >= step {
+                steps[s].push(shared, s, deadline, &mut out).await;
             }
         }
-        out.push(Ok(pending));
     }
-    for (s, buf) in buffers.iter_mut().enumerate() {
-        push_step(shared, s, buf, deadline).await;
+    let mut fenced = Vec::new();
+    for (s, st) in steps.iter_mut().enumerate() {
+        if st.fenced && !st.all.is_empty() {
+            st.cmds.push(Command::Fence(acks.ack(s)));
+        }
+        st.push(shared, s, deadline, &mut out).await;
+        fenced.push(std::mem::take(&mut st.all));
     }
-    out
+    (out, fenced)
+}
+
+/// One shard's commands waiting to be pushed, and the items they belong to.
+struct Step {
+    /// The request ends with a fence on this shard (no ack per item).
+    fenced: bool,
+    cmds: Vec<Command>,
+    /// Indexes of the items with a command in `cmds` (ascending, no repeats).
+    items: Vec<usize>,
+    /// The same over the whole request, when `fenced`: the items behind the fence.
+    all: Vec<usize>,
+}
+
+impl Step {
+    fn new(fenced: bool) -> Self {
+        Step { fenced, cmds: Vec::new(), items: Vec::new(), all: Vec::new() }
+    }
+
+    fn add(&mut self, cmd: Command, item: usize) {
+        self.cmds.push(cmd);
+        if self.items.last() != Some(&item) {
+            self.items.push(item);
+        }
+        if self.fenced && self.all.last() != Some(&item) {
+            self.all.push(item);
+        }
+    }
+
+    /// Pushes the step into shard `s`; when it could not be, its items fail.
+    async fn push(
+        &mut self,
+        shared: &Shared,
+        s: usize,
+        deadline: tokio::time::Instant,
+        out: &mut [Result<Pending, PublishError>],
+    ) {
+        if !push_step(shared, s, &mut self.cmds, deadline).await {
+            for &i in &self.items {
+                out[i] = Err(PublishError::Unavailable);
+            }
+        }
+        self.items.clear();
+    }
 }
 
 /// Pushes one step's commands into shard `s`, waiting for room until
-/// `deadline`; past it the commands are dropped (their replies then fail).
-async fn push_step(shared: &Shared, s: usize, buf: &mut Vec<Command>, deadline: tokio::time::Instant) {
+/// `deadline`; past it the commands are dropped (their replies then fail)
+/// and `false` is returned.
+async fn push_step(
+    shared: &Shared,
+    s: usize,
+    buf: &mut Vec<Command>,
+    deadline: tokio::time::Instant,
+) -> bool {
     if buf.is_empty() {
-        return;
+        return true;
     }
     let ring = &shared.shards[s].ring;
     loop {
@@ -287,12 +348,12 @@ async fn push_step(shared: &Shared, s: usize, buf: &mut Vec<Command>, deadline: 
             for cmd in buf.drain(..) {
                 permit.push(cmd);
             }
-            return;
+            return true;
         }
         if tokio::time::Instant::now() >= deadline {
             crate::metrics::bump(&shared.shards[s].metrics.ring_full, 1);
             buf.clear();
-            return;
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -365,16 +426,28 @@ pub async fn publish_items(
     }
     let (routed, counts) = route(shared, parsed);
     let stepwise = admission == Admission::Wait || !counts.iter().all(|&n| n <= step_size(shared));
-    // Stepwise items always carry acks: a step that could not be pushed
-    // must be reported, and a fire-and-forget caller still waits for room.
-    let acks = (want_reply || stepwise).then(|| Acks::new(command_count(&routed)));
-    let submitted = match acks.as_ref().filter(|_| stepwise) {
-        Some(acks) => submit_stepwise(shared, routed, acks).await,
-        None => submit_all(shared, routed, &counts, acks.as_ref()),
+    // A fire-and-forget caller still waits for room and for its items to be
+    // applied, through one fence per shard instead of an ack per item.
+    let acks = match (want_reply, stepwise) {
+        (true, _) => Some(Acks::new(command_count(&routed))),
+        (false, true) => Some(Acks::new(shared.shards.len())),
+        (false, false) => None,
+    };
+    let (mut submitted, fenced) = match acks.as_ref().filter(|_| stepwise) {
+        Some(acks) => submit_stepwise(shared, routed, acks, want_reply).await,
+        None => (submit_all(shared, routed, &counts, acks.as_ref()), Vec::new()),
     };
     if let Some(a) = &acks {
         a.seal();
         a.settled().await;
+        // A fence left unanswered (its shard dropped it): its items may not
+        // have been applied either.
+        for (s, items) in fenced.iter().enumerate().filter(|(s, _)| a.get(*s).is_none()) {
+            tracing::debug!(shard = s, items = items.len(), "a fence was dropped");
+            for &i in items {
+                submitted[i] = Err(PublishError::Unavailable);
+            }
+        }
     }
     let out = submitted
         .into_iter()

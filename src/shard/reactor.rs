@@ -180,6 +180,11 @@ impl ShardCore {
         match cmd {
             Command::Shutdown { deadline } => return Some(deadline),
             Command::Publish(p) => self.publish(p),
+            // With `--fsync always` after what came before is durable, as a reply would be.
+            Command::Fence(reply) => self.answer_after_sync(Deferred::Reply {
+                reply,
+                delivery: Delivery { seq: 0, delivered: 0, duplicate: false },
+            }),
             Command::Broadcast { event, accepted, ts_ms, reply } => {
                 self.broadcast(&event, accepted, ts_ms, reply)
             }

@@ -264,6 +264,38 @@ async fn a_stream_without_acks_waits_for_a_full_ring_instead_of_refusing_items()
     b.stop().await;
 }
 
+/// Without acks a stream waits on one fence per shard per message (not an
+/// ack per item): messages whose items span several shards must each be
+/// released by all of their fences, or the stream stalls after the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_without_acks_spanning_shards_keeps_every_users_order() {
+    let b = TestBroker::with(|c| c.shards = 4);
+    let users: Vec<String> = (0..12).map(|u| format!("span-{u}")).collect();
+    let mut clients = Vec::new();
+    for u in &users {
+        clients.push(b.connect(u).await.0);
+    }
+    let mut pubs = stream(&b, "").await;
+    for f in 0..10 {
+        let frame: Vec<String> = (0..120)
+            .map(|i| json!({"user": users[i % users.len()], "event": "e", "data": f * 120 + i}).to_string())
+            .collect();
+        pubs.send(Message::text(frame.join("\n"))).await.unwrap();
+    }
+    for (u, client) in clients.iter_mut().enumerate() {
+        let evs = next_events(client, 100).await;
+        let data: Vec<u64> = evs.iter().map(|e| e["data"].as_u64().unwrap()).collect();
+        let want: Vec<u64> = (0..1200).filter(|d| d % 120 % 12 == u as u64).collect();
+        assert_eq!(data, want, "user {u}: every item, in order");
+        let seqs: Vec<u64> = evs.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (1..=100).collect::<Vec<_>>());
+    }
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(200), pubs.next()).await;
+    assert!(quiet.is_err(), "nothing failed: {quiet:?}");
+    let _ = pubs.close(None).await;
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn api_key_is_required_when_set() {
     let b = TestBroker::with(|c| c.api_key = Some("k3y".into()));
