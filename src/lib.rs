@@ -21,7 +21,8 @@
 //! connection's queue is half full) assigns `seq`, encodes the frame once
 //! (WebSocket header included), appends it to the user's history and queues
 //! the same buffer on each of the user's connections ([`connection`]) → each
-//! connection's writer flushes everything queued with one vectored write →
+//! connection's writer flushes everything queued with one write (small
+//! frames gathered into a thread-local buffer first; TLS: one vectored write) →
 //! the shard's HdrHistogram records publish→write latency ([`metrics`]).
 //! With `--data-dir` the shard also logs each event ([`engine`]) and, with
 //! `--fsync always`, answers and fans out only once its batch is synced.
@@ -76,7 +77,8 @@
 //! splits into tokio's lock-free owned halves); and the disk engine's syncer
 //! channel (flume), once per reactor pass. Publish results
 //! travel through one [`acks`] block per request (atomics and an
-//! `AtomicWaker`), not a channel per event. In cluster mode the path goes
+//! `AtomicWaker`), not a channel per event; a stream without acks waits on
+//! one fence command per shard instead of an ack per event. In cluster mode the path goes
 //! through the Redis client (redis-rs: its multiplexed connection queues
 //! requests on a tokio mpsc channel, and the Pub/Sub subscriber's requests
 //! likewise), which is network I/O, not the per-core data path.
