@@ -13,6 +13,7 @@
 //! until its items are applied before reading on; without acks it waits on
 //! one fence per shard rather than an ack per item.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -248,7 +249,7 @@ async fn submit_stepwise(
     items: Vec<Routed>,
     acks: &Arc<Acks>,
     per_item: bool,
-) -> (Vec<Result<Pending, PublishError>>, Vec<Vec<usize>>) {
+) -> (Vec<Result<Pending, PublishError>>, Vec<Runs>) {
     let stamp = Stamp { accepted: Instant::now(), ts_ms: unix_ms() };
     let mut slot = 0;
     let item_acks = per_item.then_some(acks);
@@ -292,24 +293,22 @@ struct Step {
     /// The request ends with a fence on this shard (no ack per item).
     fenced: bool,
     cmds: Vec<Command>,
-    /// Indexes of the items with a command in `cmds` (ascending, no repeats).
-    items: Vec<usize>,
+    /// The items with a command in `cmds`.
+    items: Runs,
     /// The same over the whole request, when `fenced`: the items behind the fence.
-    all: Vec<usize>,
+    all: Runs,
 }
 
 impl Step {
     fn new(fenced: bool) -> Self {
-        Step { fenced, cmds: Vec::new(), items: Vec::new(), all: Vec::new() }
+        Step { fenced, cmds: Vec::new(), items: Runs::default(), all: Runs::default() }
     }
 
     fn add(&mut self, cmd: Command, item: usize) {
         self.cmds.push(cmd);
-        if self.items.last() != Some(&item) {
-            self.items.push(item);
-        }
-        if self.fenced && self.all.last() != Some(&item) {
-            self.all.push(item);
+        self.items.add(item);
+        if self.fenced {
+            self.all.add(item);
         }
     }
 
@@ -322,11 +321,35 @@ impl Step {
         out: &mut [Result<Pending, PublishError>],
     ) {
         if !push_step(shared, s, &mut self.cmds, deadline).await {
-            for &i in &self.items {
+            for i in self.items.iter() {
                 out[i] = Err(PublishError::Unavailable);
             }
         }
-        self.items.clear();
+        self.items = Runs::default();
+    }
+}
+
+/// Item indexes, added in ascending order (repeats ignored), kept as runs
+/// of consecutive indexes: a stream message's items usually all go to one
+/// shard, so this is one range rather than a list as long as the message.
+#[derive(Default)]
+struct Runs(Vec<Range<usize>>);
+
+impl Runs {
+    fn add(&mut self, item: usize) {
+        match self.0.last_mut() {
+            Some(r) if r.end > item => {} // a repeat (an item's second user on this shard)
+            Some(r) if r.end == item => r.end += 1,
+            _ => self.0.push(item..item + 1),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().flat_map(Clone::clone)
     }
 }
 
@@ -443,8 +466,8 @@ pub async fn publish_items(
         // A fence left unanswered (its shard dropped it): its items may not
         // have been applied either.
         for (s, items) in fenced.iter().enumerate().filter(|(s, _)| a.get(*s).is_none()) {
-            tracing::debug!(shard = s, items = items.len(), "a fence was dropped");
-            for &i in items {
+            tracing::debug!(shard = s, "a fence was dropped");
+            for i in items.iter() {
                 submitted[i] = Err(PublishError::Unavailable);
             }
         }
@@ -611,5 +634,16 @@ mod tests {
             let parsed: serde_json::Value = serde_json::from_str(&out).unwrap();
             assert_eq!(parsed, p.to_json(), "{out}");
         }
+    }
+
+    #[test]
+    fn runs_keep_every_item_once_in_order() {
+        let mut r = Runs::default();
+        assert!(r.is_empty());
+        for i in [0, 0, 1, 2, 2, 5, 6, 9, 9, 9, 10] {
+            r.add(i);
+        }
+        assert_eq!(r.iter().collect::<Vec<_>>(), vec![0, 1, 2, 5, 6, 9, 10]);
+        assert_eq!(r.0, vec![0..3, 5..7, 9..11]);
     }
 }
