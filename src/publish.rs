@@ -464,8 +464,10 @@ pub async fn publish_items(
         a.seal();
         a.settled().await;
         // A fence left unanswered (its shard dropped it): its items may not
-        // have been applied either.
-        for (s, items) in fenced.iter().enumerate().filter(|(s, _)| a.get(*s).is_none()) {
+        // have been applied either. (Only fenced shards have items here; with
+        // an ack per item, slot `s` is an item's, not a fence's.)
+        let dropped = |(s, items): &(usize, &Runs)| !items.is_empty() && a.get(*s).is_none();
+        for (s, items) in fenced.iter().enumerate().filter(dropped) {
             tracing::debug!(shard = s, "a fence was dropped");
             for i in items.iter() {
                 submitted[i] = Err(PublishError::Unavailable);
