@@ -433,10 +433,10 @@ async fn write_batch(conn: &Conn, sock: &mut WriteSide, batch: &[Outbound]) -> R
 }
 
 /// Moves the write position `(idx, off)` in `batch` forward by `n` bytes.
-fn advance(batch: &[Outbound], idx: &mut usize, off: &mut usize, n: usize) {
+fn advance<F: AsRef<[u8]>>(batch: &[F], idx: &mut usize, off: &mut usize, n: usize) {
     let mut left = n;
     while left > 0 && *idx < batch.len() {
-        let remaining = batch[*idx].frame.len() - *off;
+        let remaining = batch[*idx].as_ref().len() - *off;
         if left >= remaining {
             left -= remaining;
             *idx += 1;

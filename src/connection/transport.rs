@@ -214,9 +214,7 @@ impl WriteSide {
                 let stream: &TcpStream = w.as_ref();
                 ready!(stream.poll_write_ready(cx))?;
                 let res = match rest.first() {
-                    Some(next) if first.len() + next.as_ref().len() <= GATHER_MAX => {
-                        gathered(first, rest, |b| w.try_write(b))
-                    }
+                    Some(next) if first.len() + next.as_ref().len() <= GATHER_MAX => gathered(w, first, rest),
                     _ => w.try_write(first),
                 };
                 match res {
@@ -238,12 +236,8 @@ impl WriteSide {
 }
 
 /// Copies `first` and as many of `rest` as fit in [`GATHER_MAX`] into the
-/// thread's gather buffer and hands it to `write`.
-fn gathered<F: AsRef<[u8]>>(
-    first: &[u8],
-    rest: &[F],
-    write: impl FnOnce(&[u8]) -> io::Result<usize>,
-) -> io::Result<usize> {
+/// thread's gather buffer and writes it to `w` (one `try_write`).
+fn gathered<F: AsRef<[u8]>>(w: &OwnedWriteHalf, first: &[u8], rest: &[F]) -> io::Result<usize> {
     GATHER.with(|g| {
         let mut buf = g.borrow_mut();
         buf.clear();
@@ -255,7 +249,7 @@ fn gathered<F: AsRef<[u8]>>(
             }
             buf.extend_from_slice(f);
         }
-        write(&buf)
+        w.try_write(&buf)
     })
 }
 
@@ -335,22 +329,14 @@ mod tests {
         });
         let (mut idx, mut off, mut calls, mut partial) = (0usize, 0usize, 0u32, 0u32);
         while idx < frames.len() {
-            let mut n = std::future::poll_fn(|cx| sock.poll_write_frames(cx, &frames[idx..], off))
+            let n = std::future::poll_fn(|cx| sock.poll_write_frames(cx, &frames[idx..], off))
                 .await
                 .expect("write");
             assert!(n > 0);
             calls += 1;
-            while n > 0 {
-                let left = frames[idx].len() - off;
-                if n >= left {
-                    n -= left;
-                    idx += 1;
-                    off = 0;
-                } else {
-                    off += n;
-                    n = 0;
-                    partial += 1;
-                }
+            crate::connection::advance(&frames, &mut idx, &mut off, n);
+            if off > 0 {
+                partial += 1;
             }
         }
         drop(sock);
