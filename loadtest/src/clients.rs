@@ -7,45 +7,45 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::FutureExt;
 use serde_json::{json, Value};
 use switchyard_load::check::ConnCheck;
 use switchyard_load::sse::SseConn;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
-use tokio_tungstenite::MaybeTlsStream;
+use switchyard_load::wsclient::{Message, WsClient};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::args::{Common, Peer};
-use crate::shared::{broadcast_source, user_name, ws_config, Run, Ws, EVERYONE};
+use crate::shared::{broadcast_source, user_name, Run, EVERYONE};
 
 /// A client connection over either transport.
 pub(crate) enum Conn {
-    Ws(Box<Ws>),
+    Ws(Box<WsClient>),
     Sse(SseConn),
     Nats(Box<switchyard_load::nats::NatsConn>),
 }
 
 impl Conn {
     /// The next text message (a WebSocket text frame, an SSE message's data);
-    /// `None` when the connection ended. A WebSocket message is handed over
-    /// as tungstenite read it (no copy).
+    /// `None` when the connection ended (text that is not UTF-8 ends it
+    /// too). A WebSocket or NATS message is a view of the read buffer (no
+    /// copy).
     pub(crate) async fn next_text(&mut self) -> Option<Utf8Bytes> {
         match self {
             Conn::Ws(ws) => loop {
-                match ws.next().await {
-                    Some(Ok(Message::Text(t))) => return Some(t),
-                    Some(Ok(_)) => continue,
-                    Some(Err(_)) | None => return None,
+                match ws.next().await? {
+                    Message::Text(t) => return Utf8Bytes::try_from(t).ok(),
+                    Message::Binary(_) => continue,
                 }
             },
             Conn::Sse(s) => s.next().await.map(|m| m.data.into()),
-            Conn::Nats(n) => n.next().await.map(Utf8Bytes::from),
+            Conn::Nats(n) => Utf8Bytes::try_from(n.next().await?).ok(),
         }
     }
 
     pub(crate) async fn close(&mut self) {
         match self {
             Conn::Ws(ws) => {
-                let _ = SinkExt::close(ws).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), ws.close()).await;
             }
             Conn::Sse(s) => s.close().await,
             Conn::Nats(n) => n.close().await,
@@ -99,14 +99,7 @@ pub(crate) async fn connect(
     let mut conn = if sse {
         Conn::Sse(SseConn::open(stream, &query, last_event_id.as_deref()).await?)
     } else {
-        let url = format!("{target}{query}");
-        let (ws, _) = tokio_tungstenite::client_async_with_config(
-            url,
-            MaybeTlsStream::Plain(stream),
-            Some(ws_config()),
-        )
-        .await?;
-        Conn::Ws(Box::new(ws))
+        Conn::Ws(Box::new(WsClient::connect(stream, &format!("{target}{query}")).await?))
     };
     let welcome = match tokio::time::timeout(Duration::from_secs(10), conn.next_text()).await {
         Ok(Some(t)) => serde_json::from_str::<Value>(&t)?,

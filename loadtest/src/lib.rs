@@ -3,7 +3,8 @@
 //! `check` verifies every received event (once, in order, own user only);
 //! `trace` reads recorded event traces and turns them into a schedule;
 //! `sse` is the client side of `GET /sse`; `relay` is the no-broker
-//! stand-in that gives the latency floor.
+//! stand-in that gives the latency floor; `wsclient` reads server frames
+//! in place for the client connections.
 
 pub mod ceiling;
 pub mod check;
@@ -11,6 +12,7 @@ pub mod nats;
 pub mod relay;
 pub mod sse;
 pub mod trace;
+pub mod wsclient;
 
 /// WebSocket settings for every connection the generator and the relay
 /// open. tungstenite zero-fills its whole read buffer (128 KiB by default)

@@ -11,11 +11,11 @@
 //! reorder or misroute.
 
 use anyhow::{anyhow, bail, Context};
-use futures_util::{SinkExt, StreamExt};
+use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::wsclient::{Message, WsClient};
 
 /// What a user's subject starts with (the user's name follows).
 const SUBJECT_PREFIX: &str = "u.";
@@ -27,15 +27,12 @@ pub fn subject(user: &str) -> String {
 
 /// A subscriber over nats-server's WebSocket listener.
 pub struct NatsConn {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    /// Protocol bytes received and not yet parsed (a message may span frames).
-    buf: Vec<u8>,
-    /// Parsed payloads not yet handed out.
-    ready: std::collections::VecDeque<String>,
-    /// A server PING not yet answered: sent before the next read, so a
-    /// read cancelled mid-way (the client polls without waiting) never
-    /// loses the answer.
-    pong_due: bool,
+    ws: WsClient,
+    /// Protocol bytes received and not yet parsed (a message may span
+    /// frames); usually a view of the last frame, so nothing is copied.
+    buf: Bytes,
+    /// Parsed payloads (views of the frames) not yet handed out.
+    ready: std::collections::VecDeque<Bytes>,
 }
 
 impl NatsConn {
@@ -43,13 +40,13 @@ impl NatsConn {
     /// waits for the server to confirm (PING → PONG), so nothing published
     /// after this returns is missed.
     pub async fn open(stream: TcpStream, url: &str, user: &str) -> anyhow::Result<NatsConn> {
-        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await?;
-        let mut c = NatsConn { ws, buf: Vec::new(), ready: Default::default(), pong_due: false };
+        let ws = WsClient::connect(stream, url).await?;
+        let mut c = NatsConn { ws, buf: Bytes::new(), ready: Default::default() };
         let hello = format!(
             "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1}}\r\nSUB {} 1\r\nPING\r\n",
             subject(user)
         );
-        c.ws.send(Message::binary(hello.into_bytes())).await?;
+        c.ws.send_binary(hello.as_bytes()).await?;
         loop {
             match c.read_more().await? {
                 Some(Line::Pong) => return Ok(c),
@@ -60,7 +57,7 @@ impl NatsConn {
     }
 
     /// The next message payload; `None` when the connection ended.
-    pub async fn next(&mut self) -> Option<String> {
+    pub async fn next(&mut self) -> Option<Bytes> {
         loop {
             if let Some(p) = self.ready.pop_front() {
                 return Some(p);
@@ -73,37 +70,39 @@ impl NatsConn {
     }
 
     pub async fn close(&mut self) {
-        let _ = self.ws.close(None).await;
+        self.ws.close().await;
     }
 
-    /// Reads one frame and parses what it completes; answers server PINGs.
+    /// Reads one frame and parses what it completes; a server PING's PONG
+    /// is queued, written before the next read (so a read cancelled mid-way
+    /// never loses the answer).
     async fn read_more(&mut self) -> anyhow::Result<Option<Line>> {
-        if self.pong_due {
-            self.ws.send(Message::binary(b"PONG\r\n".to_vec())).await?;
-            self.pong_due = false;
-        }
-        match self.ws.next().await {
-            Some(Ok(Message::Binary(b))) => self.buf.extend_from_slice(&b),
-            Some(Ok(Message::Text(t))) => self.buf.extend_from_slice(t.as_bytes()),
-            Some(Ok(_)) => return Ok(Some(Line::Other)),
-            Some(Err(e)) => return Err(e.into()),
+        let frame = match self.ws.next().await {
+            Some(Message::Binary(b) | Message::Text(b)) => b,
             None => return Ok(None),
-        }
+        };
+        self.buf = if self.buf.is_empty() {
+            frame
+        } else {
+            let mut joined = BytesMut::with_capacity(self.buf.len() + frame.len());
+            joined.extend_from_slice(&self.buf);
+            joined.extend_from_slice(&frame);
+            joined.freeze()
+        };
         let mut last = Line::Other;
-        // Parsed from an offset and drained once: draining per message moved
-        // the rest of the buffer each time, quadratic in a large frame (a
-        // frame of thousands of messages held the runtime thread that long).
+        // Parsed from an offset and cut once: cutting per message would be
+        // quadratic in a frame of thousands of messages.
         let mut off = 0;
         while let Some((line, used)) = parse(&self.buf[off..])? {
-            off += used;
             match line {
-                Parsed::Msg(p) => self.ready.push_back(p),
-                Parsed::Ping => self.pong_due = true,
+                Parsed::Msg(at) => self.ready.push_back(self.buf.slice(off + at.start..off + at.end)),
+                Parsed::Ping => self.ws.queue_binary(b"PONG\r\n"),
                 Parsed::Pong => last = Line::Pong,
                 Parsed::Other => {}
             }
+            off += used;
         }
-        self.buf.drain(..off);
+        self.buf = self.buf.slice(off..);
         Ok(Some(last))
     }
 }
@@ -114,7 +113,8 @@ enum Line {
 }
 
 enum Parsed {
-    Msg(String),
+    /// A message; its payload's place in the bytes parsed.
+    Msg(std::ops::Range<usize>),
     Ping,
     Pong,
     Other,
@@ -123,7 +123,7 @@ enum Parsed {
 /// Parses one protocol line (and a message's payload) from the front of
 /// `buf`: the item and the bytes it used, or `None` when incomplete.
 fn parse(buf: &[u8]) -> anyhow::Result<Option<(Parsed, usize)>> {
-    let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
+    let Some(eol) = memchr::memmem::find(buf, b"\r\n") else { return Ok(None) };
     let line = std::str::from_utf8(&buf[..eol]).context("non-UTF-8 protocol line")?;
     let after = eol + 2;
     let mut words = line.split_ascii_whitespace();
@@ -138,8 +138,7 @@ fn parse(buf: &[u8]) -> anyhow::Result<Option<(Parsed, usize)>> {
             if buf.len() < after + len + 2 {
                 return Ok(None);
             }
-            let payload = String::from_utf8(buf[after..after + len].to_vec()).context("non-UTF-8 payload")?;
-            Ok(Some((Parsed::Msg(payload), after + len + 2)))
+            Ok(Some((Parsed::Msg(after..after + len), after + len + 2)))
         }
         Some("PING") => Ok(Some((Parsed::Ping, after))),
         Some("PONG") => Ok(Some((Parsed::Pong, after))),
@@ -224,13 +223,13 @@ mod tests {
         for &b in wire.iter() {
             buf.push(b);
             while let Some((p, used)) = parse(&buf).unwrap() {
-                buf.drain(..used);
                 got.push(match p {
-                    Parsed::Msg(m) => m,
+                    Parsed::Msg(at) => String::from_utf8(buf[at].to_vec()).unwrap(),
                     Parsed::Ping => "PING".into(),
                     Parsed::Pong => "PONG".into(),
                     Parsed::Other => "other".into(),
                 });
+                buf.drain(..used);
             }
         }
         assert_eq!(got, ["other", "hello", "PING", "hi"]);
