@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use switchyard::connection::{OutQueue, Outbound};
 use switchyard::protocol::{self, PreparedEvent, Priority, UserId};
@@ -85,11 +84,11 @@ fn routing(c: &mut Criterion) {
 }
 
 fn event(bytes: usize) -> PreparedEvent {
-    PreparedEvent {
-        name: "agent_thinking".into(),
-        data: Bytes::from(format!("{{\"text\":\"{}\"}}", "x".repeat(bytes))),
-        priority: Priority::Normal,
-    }
+    PreparedEvent::new(
+        "agent_thinking",
+        format!("{{\"text\":\"{}\"}}", "x".repeat(bytes)).as_bytes(),
+        Priority::Normal,
+    )
 }
 
 fn encode(c: &mut Criterion) {

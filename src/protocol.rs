@@ -9,7 +9,9 @@
 //!
 //! This module owns no state and touches no other module's state.
 
+use std::borrow::Cow;
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -125,12 +127,54 @@ impl InvalidInput {
 /// The part of an event that is the same for every target user: validated,
 /// redacted and with `data` serialised once. Shared by `Arc` across the
 /// commands of a multi-user publish or a broadcast.
+///
+/// Name and data are kept as the frame text they become,
+/// `,"event":"NAME","data":DATA,"priority":"P","ts":`, in one allocation:
+/// each user's frame is that text between its seq and its ts, so encoding
+/// a frame is a few copies and no piece is allocated on its own.
 #[derive(Debug)]
 pub struct PreparedEvent {
-    pub name: Box<str>,
-    /// `data` as compact JSON text (`null` when absent).
-    pub data: Bytes,
+    body: Bytes,
+    name: Range<usize>,
+    data: Range<usize>,
     pub priority: Priority,
+}
+
+impl PreparedEvent {
+    /// `name` must be a valid event name ([`validate_event_name`]: nothing
+    /// to escape) and `data` one JSON value.
+    pub fn new(name: &str, data: &[u8], priority: Priority) -> PreparedEvent {
+        const PARTS: [&[u8]; 4] = [b",\"event\":\"", b"\",\"data\":", b",\"priority\":\"", b"\",\"ts\":"];
+        let p = priority.as_str().as_bytes();
+        let len = PARTS.iter().map(|s| s.len()).sum::<usize>() + name.len() + data.len() + p.len();
+        let mut body = Vec::with_capacity(len);
+        body.extend_from_slice(PARTS[0]);
+        let name_at = body.len()..body.len() + name.len();
+        body.extend_from_slice(name.as_bytes());
+        body.extend_from_slice(PARTS[1]);
+        let data_at = body.len()..body.len() + data.len();
+        body.extend_from_slice(data);
+        for part in [PARTS[2], p, PARTS[3]] {
+            body.extend_from_slice(part);
+        }
+        PreparedEvent { body: Bytes::from(body), name: name_at, data: data_at, priority }
+    }
+
+    /// The event's name.
+    pub fn name(&self) -> &str {
+        // Written from a `&str` in `new`, on ASCII boundaries.
+        std::str::from_utf8(&self.body[self.name.clone()]).unwrap_or_default()
+    }
+
+    /// `data` as compact JSON text (`null` when absent).
+    pub fn data(&self) -> &[u8] {
+        &self.body[self.data.clone()]
+    }
+
+    /// The frame text between an event's seq and its ts.
+    fn body(&self) -> &[u8] {
+        &self.body
+    }
 }
 
 /// Who a publish object addresses.
@@ -256,24 +300,23 @@ fn event_of(
         Some(_) => return Err(InvalidInput::new("invalid_priority", "\"priority\" must be a string")),
     };
     let data = match obj.get("data") {
-        None => Bytes::from_static(b"null"),
+        None => Cow::Borrowed(&b"null"[..]),
         Some(m) => {
             let text = &raw[m.span.clone()];
             if redactor.may_match(text) {
-                redacted(text, redactor)?
+                Cow::Owned(redacted(text, redactor)?)
             } else {
-                Bytes::copy_from_slice(text)
+                Cow::Borrowed(text)
             }
         }
     };
-    Ok(Arc::new(PreparedEvent { name: name.as_ref().into(), data, priority }))
+    Ok(Arc::new(PreparedEvent::new(name, &data, priority)))
 }
 
 /// `data` without the `--redact-keys` members, at any depth (rewritten
 /// compactly by the scanner; numbers and escapes as the publisher wrote them).
-fn redacted(text: &[u8], redactor: &Redactor) -> Result<Bytes, InvalidInput> {
+fn redacted(text: &[u8], redactor: &Redactor) -> Result<Vec<u8>, InvalidInput> {
     jsonscan::without_keys(text, &|k| redactor.is_redacted(k))
-        .map(Bytes::from)
         .map_err(|e| InvalidInput::new("invalid_json", format!("invalid JSON: {e}")))
 }
 
@@ -297,22 +340,7 @@ pub fn unix_us() -> u64 {
 /// which the cluster's publish script completes with the seq Redis assigns.
 pub fn event_tail(ev: &PreparedEvent, ts_ms: u64) -> Vec<u8> {
     let mut ts_buf = itoa::Buffer::new();
-    tail_parts(ev, ts_buf.format(ts_ms)).concat()
-}
-
-/// The pieces of an event's JSON after its seq, in order.
-fn tail_parts<'a>(ev: &'a PreparedEvent, ts: &'a str) -> [&'a [u8]; 9] {
-    [
-        b",\"event\":\"",
-        ev.name.as_bytes(),
-        b"\",\"data\":",
-        &ev.data,
-        b",\"priority\":\"",
-        ev.priority.as_str().as_bytes(),
-        b"\",\"ts\":",
-        ts.as_bytes(),
-        b"}",
-    ]
+    [ev.body(), ts_buf.format(ts_ms).as_bytes(), b"}"].concat()
 }
 
 /// Encodes an `event` frame (WebSocket header included) for one user and seq.
@@ -321,14 +349,18 @@ fn tail_parts<'a>(ev: &'a PreparedEvent, ts: &'a str) -> [&'a [u8]; 9] {
 /// connections and by the user's history.
 pub fn encode_event_frame(seq: u64, ev: &PreparedEvent, ts_ms: u64) -> Bytes {
     let mut seq_buf = itoa::Buffer::new();
-    let seq_s = seq_buf.format(seq);
     let mut ts_buf = itoa::Buffer::new();
-    let head: [&[u8]; 2] = [b"{\"type\":\"event\",\"seq\":", seq_s.as_bytes()];
-    let tail = tail_parts(ev, ts_buf.format(ts_ms));
-    let len: usize = head.iter().chain(tail.iter()).map(|p| p.len()).sum();
+    let parts: [&[u8]; 5] = [
+        b"{\"type\":\"event\",\"seq\":",
+        seq_buf.format(seq).as_bytes(),
+        ev.body(),
+        ts_buf.format(ts_ms).as_bytes(),
+        b"}",
+    ];
+    let len: usize = parts.iter().map(|p| p.len()).sum();
     let mut out = Vec::with_capacity(len + wsframe::MAX_HEADER_LEN);
     wsframe::put_header(&mut out, wsframe::OP_TEXT, len);
-    for p in head.iter().chain(tail.iter()) {
+    for p in parts {
         out.extend_from_slice(p);
     }
     Bytes::from(out)
@@ -431,9 +463,9 @@ mod tests {
             br#"{"user":"u1","event":"agent_thinking","data":{"text":"hi"},"priority":"high"}"#.to_vec();
         let p = parse_publish(&raw, &redactor()).unwrap();
         assert!(matches!(p.target, Target::One(ref u) if u.as_str() == "u1"));
-        assert_eq!(&*p.event.name, "agent_thinking");
+        assert_eq!(p.event.name(), "agent_thinking");
         assert_eq!(p.event.priority, Priority::High);
-        assert_eq!(&p.event.data[..], br#"{"text":"hi"}"#);
+        assert_eq!(p.event.data(), br#"{"text":"hi"}"#);
     }
 
     #[test]
@@ -444,7 +476,7 @@ mod tests {
             Target::Many(u) => assert_eq!(u.len(), 2),
             _ => panic!("expected many"),
         }
-        assert_eq!(&p.event.data[..], b"null");
+        assert_eq!(p.event.data(), b"null");
         assert_eq!(p.event.priority, Priority::Normal);
     }
 
@@ -473,11 +505,7 @@ mod tests {
 
     #[test]
     fn event_frame_is_a_complete_websocket_text_frame() {
-        let ev = PreparedEvent {
-            name: "tool_completed".into(),
-            data: Bytes::from_static(b"{\"ok\":true}"),
-            priority: Priority::Low,
-        };
+        let ev = PreparedEvent::new("tool_completed", b"{\"ok\":true}", Priority::Low);
         let frame = encode_event_frame(42, &ev, 1_764_000_000_123);
         assert_eq!(frame[0], 0x81);
         let len = frame[1] as usize;

@@ -102,12 +102,12 @@ pub fn disagreement(raw: &[u8], redact_keys: &[&str]) -> Option<String> {
                 Target::One(u) => (vec![u.as_str().to_string()], false),
                 Target::Many(us) => (us.iter().map(|u| u.as_str().to_string()).collect(), true),
             };
-            let data: Result<Value, _> = serde_json::from_slice(&p.event.data);
+            let data: Result<Value, _> = serde_json::from_slice(p.event.data());
             let got = Model {
                 users,
                 many,
                 id: p.id.as_deref().map(str::to_string),
-                event: p.event.name.to_string(),
+                event: p.event.name().to_string(),
                 priority: p.event.priority.as_str().to_string(),
                 data: data.unwrap_or(Value::String("<fast data is not JSON>".into())),
             };

@@ -54,7 +54,7 @@ mod tests {
         let r = Redactor::new(vec!["api_key".into(), "Authorization".into()]);
         let raw = br#"{"user":"u","event":"e","data":{"api_key":"s1","a":{"AUTHORIZATION":"s2","b":[{"api_key":"s3","keep":1}]}}}"#;
         let p = crate::protocol::parse_publish(raw, &r).unwrap();
-        let out = std::str::from_utf8(&p.event.data).unwrap();
+        let out = std::str::from_utf8(p.event.data()).unwrap();
         assert!(!out.contains("s1") && !out.contains("s2") && !out.contains("s3"), "{out}");
         assert_eq!(out, r#"{"a":{"b":[{"keep":1}]}}"#);
     }

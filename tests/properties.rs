@@ -92,8 +92,8 @@ proptest! {
         let raw = obj.to_string().into_bytes();
         let p = protocol::parse_publish(&raw, &Redactor::default()).unwrap();
         match p.target { Target::One(u) => prop_assert_eq!(u.as_str(), user.as_str()), _ => prop_assert!(false) }
-        prop_assert_eq!(&*p.event.name, event.as_str());
-        let data: serde_json::Value = serde_json::from_slice(&p.event.data).unwrap();
+        prop_assert_eq!(p.event.name(), event.as_str());
+        let data: serde_json::Value = serde_json::from_slice(p.event.data()).unwrap();
         prop_assert_eq!(data, obj["data"].clone());
     }
 
