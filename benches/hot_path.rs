@@ -89,6 +89,7 @@ fn event(bytes: usize) -> PreparedEvent {
         format!("{{\"text\":\"{}\"}}", "x".repeat(bytes)).as_bytes(),
         Priority::Normal,
     )
+    .expect("a valid event")
 }
 
 fn encode(c: &mut Criterion) {

@@ -21,7 +21,7 @@ pub use crate::acks::{Ack, Delivery};
 /// One event for one user.
 pub struct PublishCmd {
     pub user: UserId,
-    pub event: Arc<PreparedEvent>,
+    pub event: PreparedEvent,
     /// When the publish was accepted (latency starts here).
     pub accepted: Instant,
     /// Publish time, unix ms (the frame's `ts`).
@@ -102,7 +102,7 @@ pub enum Command {
     /// has been applied: a fire-and-forget publisher's flow control.
     Fence(Ack),
     Broadcast {
-        event: Arc<PreparedEvent>,
+        event: PreparedEvent,
         accepted: Instant,
         ts_ms: u64,
         reply: oneshot::Sender<BroadcastOutcome>,

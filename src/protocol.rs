@@ -11,7 +11,6 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -132,43 +131,51 @@ impl InvalidInput {
 /// `,"event":"NAME","data":DATA,"priority":"P","ts":`, in one allocation:
 /// each user's frame is that text between its seq and its ts, so encoding
 /// a frame is a few copies and no piece is allocated on its own.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PreparedEvent {
     body: Bytes,
-    name: Range<usize>,
-    data: Range<usize>,
+    /// The name's length; it starts right after `,"event":"`.
+    name_len: u8,
+    /// `data`'s length; it starts right after the name's `","data":`.
+    data_len: u32,
     pub priority: Priority,
 }
 
+/// The fixed text around an event's name, data and priority in its frame.
+const BEFORE_NAME: &[u8] = b",\"event\":\"";
+const BEFORE_DATA: &[u8] = b"\",\"data\":";
+const BEFORE_PRIORITY: &[u8] = b",\"priority\":\"";
+const BEFORE_TS: &[u8] = b"\",\"ts\":";
+
 impl PreparedEvent {
-    /// `name` must be a valid event name ([`validate_event_name`]: nothing
-    /// to escape) and `data` one JSON value.
-    pub fn new(name: &str, data: &[u8], priority: Priority) -> PreparedEvent {
-        const PARTS: [&[u8]; 4] = [b",\"event\":\"", b"\",\"data\":", b",\"priority\":\"", b"\",\"ts\":"];
+    /// `name` must be a valid event name ([`validate_event_name`]: at most
+    /// 64 bytes, nothing to escape) and `data` one JSON value.
+    pub fn new(name: &str, data: &[u8], priority: Priority) -> Result<PreparedEvent, InvalidInput> {
+        let name_len = u8::try_from(name.len()).map_err(|_| {
+            InvalidInput::new("invalid_event", "event names are 1-64 bytes of [A-Za-z0-9._:-]")
+        })?;
+        let data_len = u32::try_from(data.len())
+            .map_err(|_| InvalidInput::new("payload_too_large", "\"data\" is over 4 GiB"))?;
         let p = priority.as_str().as_bytes();
-        let len = PARTS.iter().map(|s| s.len()).sum::<usize>() + name.len() + data.len() + p.len();
-        let mut body = Vec::with_capacity(len);
-        body.extend_from_slice(PARTS[0]);
-        let name_at = body.len()..body.len() + name.len();
-        body.extend_from_slice(name.as_bytes());
-        body.extend_from_slice(PARTS[1]);
-        let data_at = body.len()..body.len() + data.len();
-        body.extend_from_slice(data);
-        for part in [PARTS[2], p, PARTS[3]] {
+        let parts = [BEFORE_NAME, name.as_bytes(), BEFORE_DATA, data, BEFORE_PRIORITY, p, BEFORE_TS];
+        let mut body = Vec::with_capacity(parts.iter().map(|s| s.len()).sum());
+        for part in parts {
             body.extend_from_slice(part);
         }
-        PreparedEvent { body: Bytes::from(body), name: name_at, data: data_at, priority }
+        Ok(PreparedEvent { body: Bytes::from(body), name_len, data_len, priority })
     }
 
     /// The event's name.
     pub fn name(&self) -> &str {
+        let at = BEFORE_NAME.len();
         // Written from a `&str` in `new`, on ASCII boundaries.
-        std::str::from_utf8(&self.body[self.name.clone()]).unwrap_or_default()
+        std::str::from_utf8(&self.body[at..at + usize::from(self.name_len)]).unwrap_or_default()
     }
 
     /// `data` as compact JSON text (`null` when absent).
     pub fn data(&self) -> &[u8] {
-        &self.body[self.data.clone()]
+        let at = BEFORE_NAME.len() + usize::from(self.name_len) + BEFORE_DATA.len();
+        &self.body[at..at + self.data_len as usize]
     }
 
     /// The frame text between an event's seq and its ts.
@@ -188,7 +195,7 @@ pub enum Target {
 #[derive(Debug)]
 pub struct PublishRequest {
     pub target: Target,
-    pub event: Arc<PreparedEvent>,
+    pub event: PreparedEvent,
     /// The idempotency key (`id`), if the publisher gave one.
     pub id: Option<Arc<str>>,
 }
@@ -211,7 +218,7 @@ pub fn parse_idempotency_key(raw: &str) -> Result<Arc<str>, InvalidInput> {
 /// A validated broadcast object (a publish object without a target).
 #[derive(Debug)]
 pub struct BroadcastRequest {
-    pub event: Arc<PreparedEvent>,
+    pub event: PreparedEvent,
 }
 
 /// Most users one publish object may address.
@@ -287,7 +294,7 @@ fn event_of(
     raw: &[u8],
     obj: &jsonscan::Object<'_>,
     redactor: &Redactor,
-) -> Result<Arc<PreparedEvent>, InvalidInput> {
+) -> Result<PreparedEvent, InvalidInput> {
     let name = match obj.get("event").map(|m| &m.value) {
         Some(jsonscan::Value::String(s)) => s,
         Some(_) => return Err(InvalidInput::new("invalid_event", "\"event\" must be a string")),
@@ -310,7 +317,7 @@ fn event_of(
             }
         }
     };
-    Ok(Arc::new(PreparedEvent::new(name, &data, priority)))
+    PreparedEvent::new(name, &data, priority)
 }
 
 /// `data` without the `--redact-keys` members, at any depth (rewritten
@@ -505,7 +512,7 @@ mod tests {
 
     #[test]
     fn event_frame_is_a_complete_websocket_text_frame() {
-        let ev = PreparedEvent::new("tool_completed", b"{\"ok\":true}", Priority::Low);
+        let ev = PreparedEvent::new("tool_completed", b"{\"ok\":true}", Priority::Low).unwrap();
         let frame = encode_event_frame(42, &ev, 1_764_000_000_123);
         assert_eq!(frame[0], 0x81);
         let len = frame[1] as usize;

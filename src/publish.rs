@@ -594,7 +594,7 @@ pub async fn broadcast_cluster(
 }
 
 /// Sends one event to every user with a live connection, on every shard.
-pub async fn broadcast(shared: &Shared, event: Arc<PreparedEvent>) -> Result<BroadcastOutcome, PublishError> {
+pub async fn broadcast(shared: &Shared, event: PreparedEvent) -> Result<BroadcastOutcome, PublishError> {
     let accepted = Instant::now();
     let ts_ms = unix_ms();
     let mut permits = Vec::with_capacity(shared.shards.len());

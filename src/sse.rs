@@ -101,7 +101,7 @@ mod tests {
 
     #[test]
     fn an_event_message_carries_id_name_and_the_websocket_json() {
-        let ev = PreparedEvent::new("tool_completed", b"{\"a\":\"x\\ny\"}", Priority::Normal);
+        let ev = PreparedEvent::new("tool_completed", b"{\"a\":\"x\\ny\"}", Priority::Normal).unwrap();
         let frame = encode_event_frame(42, &ev, 7);
         let msg = event("ep0-1.a", 42, &frame);
         let text = std::str::from_utf8(&msg).unwrap();
