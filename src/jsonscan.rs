@@ -74,19 +74,29 @@ pub enum Top<'a> {
 
 /// Validates `input` as one JSON text and returns its top-level object's members.
 pub fn scan(input: &[u8]) -> Result<Top<'_>, ScanError> {
+    let mut members = Vec::new();
+    let object = scan_with(input, |m| members.push(m))?;
+    Ok(if object { Top::Object(Object { members }) } else { Top::NotAnObject })
+}
+
+/// Validates `input` as one JSON text and, when its top level is an object,
+/// hands `visit` each member in order (so a caller that wants a few keys
+/// keeps them where it likes, with no list allocated); whether the top
+/// level is an object. On an error some members may have been visited.
+pub fn scan_with<'a>(input: &'a [u8], visit: impl FnMut(Member<'a>)) -> Result<bool, ScanError> {
     let mut s = Scanner::new(input)?;
     s.ws();
-    let top = if s.peek() == Some(b'{') {
-        Top::Object(s.top_object()?)
+    let object = s.peek() == Some(b'{');
+    if object {
+        s.top_object(visit)?;
     } else {
         s.value()?;
-        Top::NotAnObject
-    };
+    }
     s.ws();
     if s.i != input.len() {
         return Err(s.err("trailing characters"));
     }
-    Ok(top)
+    Ok(object)
 }
 
 /// Rewrites one valid JSON value (`text`, as [`scan`] validated it) without
@@ -187,18 +197,15 @@ impl<'a> Scanner<'a> {
         Ok(())
     }
 
-    /// The top-level object, keeping its members.
-    fn top_object(&mut self) -> Result<Object<'a>, ScanError> {
-        // Publish objects have up to six members: one allocation.
-        let mut obj = Object { members: Vec::with_capacity(8) };
+    /// The top-level object, each member handed to `visit`.
+    fn top_object(&mut self, mut visit: impl FnMut(Member<'a>)) -> Result<(), ScanError> {
         self.container(b'}', |s| {
             let (key, _) = s.key()?;
             let start = s.i;
             let value = s.top_value()?;
-            obj.members.push(Member { key, value, span: start..s.i });
+            visit(Member { key, value, span: start..s.i });
             Ok(())
-        })?;
-        Ok(obj)
+        })
     }
 
     /// A container whose opening byte is next: `item` reads each element (for

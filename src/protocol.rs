@@ -11,6 +11,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -229,41 +230,68 @@ pub const MAX_USERS_PER_PUBLISH: usize = 1000;
 /// input (only when `--redact-keys` could match inside it is `data` parsed,
 /// redacted and written again).
 pub fn parse_publish(raw: &[u8], redactor: &Redactor) -> Result<PublishRequest, InvalidInput> {
-    let obj = scan_object(raw, "a publish object must be a JSON object")?;
-    let target = match (obj.get("user"), obj.get("users")) {
+    let f = Fields::scan(raw, "a publish object must be a JSON object")?;
+    let target = match (&f.user, &f.users) {
         (Some(_), Some(_)) => {
             return Err(InvalidInput::new("invalid_user", "give either \"user\" or \"users\", not both"))
         }
-        (Some(u), None) => match &u.value {
+        (Some(u), None) => match u {
             jsonscan::Value::String(s) => Target::One(UserId::parse(s)?),
             _ => return Err(InvalidInput::new("invalid_user", "\"user\" must be a string")),
         },
-        (None, Some(list)) => Target::Many(user_list(&list.value)?),
+        (None, Some(list)) => Target::Many(user_list(list)?),
         (None, None) => {
             return Err(InvalidInput::new("missing_field", "a publish object needs \"user\" or \"users\""))
         }
     };
-    let id = match obj.get("id").map(|m| &m.value) {
+    let id = match &f.id {
         None => None,
         Some(jsonscan::Value::String(s)) => Some(parse_idempotency_key(s)?),
         Some(_) => return Err(InvalidInput::new("invalid_id", "\"id\" must be a string")),
     };
-    let event = event_of(raw, &obj, redactor)?;
+    let event = event_of(raw, &f, redactor)?;
     Ok(PublishRequest { target, event, id })
 }
 
 /// Parses and validates a broadcast object.
 pub fn parse_broadcast(raw: &[u8], redactor: &Redactor) -> Result<BroadcastRequest, InvalidInput> {
-    let obj = scan_object(raw, "a broadcast object must be a JSON object")?;
-    Ok(BroadcastRequest { event: event_of(raw, &obj, redactor)? })
+    let f = Fields::scan(raw, "a broadcast object must be a JSON object")?;
+    Ok(BroadcastRequest { event: event_of(raw, &f, redactor)? })
 }
 
-/// Scans `raw` and returns its top-level object's members.
-fn scan_object<'a>(raw: &'a [u8], not_object: &'static str) -> Result<jsonscan::Object<'a>, InvalidInput> {
-    match jsonscan::scan(raw) {
-        Ok(jsonscan::Top::Object(o)) => Ok(o),
-        Ok(jsonscan::Top::NotAnObject) => Err(InvalidInput::new("invalid_json", not_object)),
-        Err(e) => Err(InvalidInput::new("invalid_json", format!("invalid JSON: {e}"))),
+/// The members of a publish or broadcast object this module reads; a
+/// repeated key keeps its last value (as `serde_json` does), and any other
+/// member is validated and skipped.
+#[derive(Default)]
+struct Fields<'a> {
+    user: Option<jsonscan::Value<'a>>,
+    users: Option<jsonscan::Value<'a>>,
+    id: Option<jsonscan::Value<'a>>,
+    event: Option<jsonscan::Value<'a>>,
+    priority: Option<jsonscan::Value<'a>>,
+    /// Where `data`'s value is in the input.
+    data: Option<Range<usize>>,
+}
+
+impl<'a> Fields<'a> {
+    /// Scans `raw` (one pass, no list of members) and keeps the known members.
+    fn scan(raw: &'a [u8], not_object: &'static str) -> Result<Fields<'a>, InvalidInput> {
+        let mut f = Fields::default();
+        let object = jsonscan::scan_with(raw, |m| match &*m.key {
+            "user" => f.user = Some(m.value),
+            "users" => f.users = Some(m.value),
+            "id" => f.id = Some(m.value),
+            "event" => f.event = Some(m.value),
+            "priority" => f.priority = Some(m.value),
+            "data" => f.data = Some(m.span),
+            _ => {}
+        })
+        .map_err(|e| InvalidInput::new("invalid_json", format!("invalid JSON: {e}")))?;
+        if object {
+            Ok(f)
+        } else {
+            Err(InvalidInput::new("invalid_json", not_object))
+        }
     }
 }
 
@@ -290,26 +318,22 @@ fn user_list(v: &jsonscan::Value<'_>) -> Result<Vec<UserId>, InvalidInput> {
 
 /// Validates `event` and `priority`, and takes `data` (verbatim, or
 /// redacted when a `--redact-keys` key could occur in it).
-fn event_of(
-    raw: &[u8],
-    obj: &jsonscan::Object<'_>,
-    redactor: &Redactor,
-) -> Result<PreparedEvent, InvalidInput> {
-    let name = match obj.get("event").map(|m| &m.value) {
+fn event_of(raw: &[u8], f: &Fields<'_>, redactor: &Redactor) -> Result<PreparedEvent, InvalidInput> {
+    let name = match &f.event {
         Some(jsonscan::Value::String(s)) => s,
         Some(_) => return Err(InvalidInput::new("invalid_event", "\"event\" must be a string")),
         None => return Err(InvalidInput::new("missing_field", "\"event\" is required")),
     };
     validate_event_name(name)?;
-    let priority = match obj.get("priority").map(|m| &m.value) {
+    let priority = match &f.priority {
         None => Priority::Normal,
         Some(jsonscan::Value::String(s)) => Priority::parse(s)?,
         Some(_) => return Err(InvalidInput::new("invalid_priority", "\"priority\" must be a string")),
     };
-    let data = match obj.get("data") {
+    let data = match &f.data {
         None => Cow::Borrowed(&b"null"[..]),
-        Some(m) => {
-            let text = &raw[m.span.clone()];
+        Some(span) => {
+            let text = &raw[span.clone()];
             if redactor.may_match(text) {
                 Cow::Owned(redacted(text, redactor)?)
             } else {
