@@ -90,7 +90,16 @@ struct Feed<'a> {
     total_weight: u32,
     /// Publish objects carry an idempotency `id` (`--retry-timeout`).
     with_id: bool,
+    /// At `--rate max`: the clock as last read, and events left to stamp
+    /// with it ([`CLOCK_EVERY`]).
+    clock: (Duration, u32),
 }
+
+/// At `--rate max` events are due when they are made, and the clock is
+/// read once per this many of them: one read per event was 4% of the
+/// generator's CPU against nats-server at 100 users, and 16 events take
+/// well under a microsecond to make.
+const CLOCK_EVERY: u32 = 16;
 
 impl<'a> Feed<'a> {
     fn new(run: &'a Run, plan: &'a Plan, publishers: usize, t0: Instant) -> Self {
@@ -101,7 +110,8 @@ impl<'a> Feed<'a> {
         };
         let with_id = run.common.retry_timeout.is_some();
         let rng = fastrand::Rng::with_seed(7);
-        Feed { run, plan, t0, base_us, nonce: 0, rng, publishers, total_weight, with_id }
+        let clock = (Duration::ZERO, 0);
+        Feed { run, plan, t0, base_us, nonce: 0, rng, publishers, total_weight, with_id, clock }
     }
 }
 
@@ -115,7 +125,13 @@ impl Iterator for Feed<'_> {
             Plan::Rate { per_sec, duration, payload, mix, broadcast } => {
                 let intended = match per_sec {
                     Some(r) => Duration::from_secs_f64(nonce as f64 / r),
-                    None => self.t0.elapsed(),
+                    None => {
+                        if self.clock.1 == 0 {
+                            self.clock = (self.t0.elapsed(), CLOCK_EVERY);
+                        }
+                        self.clock.1 -= 1;
+                        self.clock.0
+                    }
                 };
                 if intended >= *duration + self.run.common.warmup {
                     return None;
