@@ -125,13 +125,14 @@ impl InvalidInput {
 }
 
 /// The part of an event that is the same for every target user: validated,
-/// redacted and with `data` serialised once. Shared by `Arc` across the
-/// commands of a multi-user publish or a broadcast.
+/// redacted and with `data` serialised once.
 ///
 /// Name and data are kept as the frame text they become,
-/// `,"event":"NAME","data":DATA,"priority":"P","ts":`, in one allocation:
+/// `,"event":"NAME","data":DATA,"priority":"P","ts":`, in one `Bytes`:
 /// each user's frame is that text between its seq and its ts, so encoding
-/// a frame is a few copies and no piece is allocated on its own.
+/// a frame is a few copies and no piece is allocated on its own. Cloning
+/// shares that text by its reference count (the commands of a multi-user
+/// publish or a broadcast), so a single-user event needs no `Arc` around it.
 #[derive(Debug, Clone)]
 pub struct PreparedEvent {
     body: Bytes,
