@@ -14,11 +14,12 @@ pub mod sse;
 pub mod trace;
 pub mod wsclient;
 
-/// WebSocket settings for every connection the generator and the relay
-/// open. tungstenite zero-fills its whole read buffer (128 KiB by default)
-/// before every socket read; with thousands of connections each reading
-/// small frames that memset was 37% of the load generator's CPU (perf), so
-/// the buffer is kept small.
+/// WebSocket settings for the tungstenite connections: the generator's
+/// publisher streams and the relay's (client connections use [`wsclient`]).
+/// tungstenite zero-fills its whole read buffer (128 KiB by default) before
+/// every socket read; with thousands of connections each reading small
+/// frames that memset was 37% of the load generator's CPU (perf), so the
+/// buffer is kept small.
 pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 * 1024)
 }

@@ -73,5 +73,5 @@ pub(crate) fn broadcast_source(nonce: u64, sources: usize) -> usize {
     (nonce % sources.clamp(1, MAX_SOURCES) as u64) as usize
 }
 
-/// The WebSocket settings every connection uses (the relay's too).
+/// The WebSocket settings of the publisher streams (and the relay's).
 pub(crate) use switchyard_load::ws_config;
