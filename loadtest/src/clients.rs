@@ -48,7 +48,9 @@ impl Conn {
                 let _ = tokio::time::timeout(Duration::from_secs(5), ws.close()).await;
             }
             Conn::Sse(s) => s.close().await,
-            Conn::Nats(n) => n.close().await,
+            Conn::Nats(n) => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), n.close()).await;
+            }
         }
     }
 }
