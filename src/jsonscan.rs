@@ -1,8 +1,8 @@
 //! A one-pass validating JSON scanner for publish objects: it checks the
 //! whole input against RFC 8259 (with `serde_json`'s limits: nesting at most
 //! 127 deep, numbers that fit an `f64`, no lone surrogates, UTF-8 strings)
-//! and returns the top-level object's members — strings decoded, every
-//! value's byte span in the input — without building a document tree.
+//! and hands the caller the top-level object's members — strings decoded,
+//! every value's byte span in the input — without building a document tree.
 //!
 //! The publish path uses it to read `user`/`users`/`event`/`priority`/`id`
 //! and to copy `data` verbatim by its span, so an event's data is never
@@ -53,32 +53,6 @@ pub struct Member<'a> {
     pub span: Range<usize>,
 }
 
-/// The top-level object's members; a repeated key keeps its last value (as
-/// `serde_json::Value` does).
-#[derive(Debug, Default)]
-pub struct Object<'a> {
-    members: Vec<Member<'a>>,
-}
-
-impl<'a> Object<'a> {
-    pub fn get(&self, key: &str) -> Option<&Member<'a>> {
-        self.members.iter().rev().find(|m| m.key == key)
-    }
-}
-
-/// What the top level of a valid input is.
-pub enum Top<'a> {
-    Object(Object<'a>),
-    NotAnObject,
-}
-
-/// Validates `input` as one JSON text and returns its top-level object's members.
-pub fn scan(input: &[u8]) -> Result<Top<'_>, ScanError> {
-    let mut members = Vec::new();
-    let object = scan_with(input, |m| members.push(m))?;
-    Ok(if object { Top::Object(Object { members }) } else { Top::NotAnObject })
-}
-
 /// Validates `input` as one JSON text and, when its top level is an object,
 /// hands `visit` each member in order (so a caller that wants a few keys
 /// keeps them where it likes, with no list allocated); whether the top
@@ -99,7 +73,7 @@ pub fn scan_with<'a>(input: &'a [u8], visit: impl FnMut(Member<'a>)) -> Result<b
     Ok(object)
 }
 
-/// Rewrites one valid JSON value (`text`, as [`scan`] validated it) without
+/// Rewrites one valid JSON value (`text`, as [`scan_with`] validated it) without
 /// the object members, at any depth, whose (decoded) key `drop` selects;
 /// whitespace is dropped, everything else is copied as written (numbers and
 /// string escapes unchanged). Used for `--redact-keys`.
@@ -547,6 +521,30 @@ impl<'a> Scanner<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The top-level object's members; a repeated key keeps its last value
+    /// (as `serde_json::Value` does).
+    struct Object<'a> {
+        members: Vec<Member<'a>>,
+    }
+
+    impl<'a> Object<'a> {
+        fn get(&self, key: &str) -> Option<&Member<'a>> {
+            self.members.iter().rev().find(|m| m.key == key)
+        }
+    }
+
+    enum Top<'a> {
+        Object(Object<'a>),
+        NotAnObject,
+    }
+
+    /// [`scan_with`], its members collected.
+    fn scan(input: &[u8]) -> Result<Top<'_>, ScanError> {
+        let mut members = Vec::new();
+        let object = scan_with(input, |m| members.push(m))?;
+        Ok(if object { Top::Object(Object { members }) } else { Top::NotAnObject })
+    }
 
     fn object(raw: &str) -> Object<'_> {
         match scan(raw.as_bytes()) {
