@@ -279,36 +279,36 @@ async fn submit_stepwise(
     }
     let mut fenced = Vec::new();
     for (s, st) in steps.iter_mut().enumerate() {
-        if st.fenced && !st.all.is_empty() {
+        let all = st.all.take().unwrap_or_default();
+        if !all.is_empty() {
             st.cmds.push(Command::Fence(acks.ack(s)));
         }
         st.push(shared, s, deadline, &mut out).await;
-        fenced.push(std::mem::take(&mut st.all));
+        fenced.push(all);
     }
     (out, fenced)
 }
 
 /// One shard's commands waiting to be pushed, and the items they belong to.
 struct Step {
-    /// The request ends with a fence on this shard (no ack per item).
-    fenced: bool,
     cmds: Vec<Command>,
     /// The items with a command in `cmds`.
     items: Runs,
-    /// The same over the whole request, when `fenced`: the items behind the fence.
-    all: Runs,
+    /// When the request ends with a fence on this shard (no ack per item):
+    /// the items behind the fence, over the whole request.
+    all: Option<Runs>,
 }
 
 impl Step {
     fn new(fenced: bool) -> Self {
-        Step { fenced, cmds: Vec::new(), items: Runs::default(), all: Runs::default() }
+        Step { cmds: Vec::new(), items: Runs::default(), all: fenced.then(Runs::default) }
     }
 
     fn add(&mut self, cmd: Command, item: usize) {
         self.cmds.push(cmd);
         self.items.add(item);
-        if self.fenced {
-            self.all.add(item);
+        if let Some(all) = self.all.as_mut() {
+            all.add(item);
         }
     }
 
