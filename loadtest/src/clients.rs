@@ -42,16 +42,16 @@ impl Conn {
         }
     }
 
+    /// Closes the connection, waiting at most 5 s for the peer.
     pub(crate) async fn close(&mut self) {
-        match self {
-            Conn::Ws(ws) => {
-                let _ = tokio::time::timeout(Duration::from_secs(5), ws.close()).await;
+        let close = async {
+            match self {
+                Conn::Ws(ws) => ws.close().await,
+                Conn::Sse(s) => s.close().await,
+                Conn::Nats(n) => n.close().await,
             }
-            Conn::Sse(s) => s.close().await,
-            Conn::Nats(n) => {
-                let _ = tokio::time::timeout(Duration::from_secs(5), n.close()).await;
-            }
-        }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
     }
 }
 

@@ -17,6 +17,7 @@
 
 use anyhow::{anyhow, bail, Context};
 use bytes::{Buf, Bytes, BytesMut};
+use switchyard::wsframe::{self, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
@@ -33,11 +34,6 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_MESSAGE: usize = 64 << 20;
 
 const OP_CONTINUATION: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
 
 /// One whole message from the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -283,20 +279,12 @@ impl FrameHeader {
     }
 }
 
-/// Appends one masked client frame (FIN set) to `out`.
+/// Appends one masked client frame (FIN set) to `out`: the broker's frame
+/// header with the mask bit set, the key, and the masked payload.
 fn queue_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n @ 0..=125 => out.push(0x80 | n as u8),
-        n @ 126..=0xffff => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
+    let at = out.len();
+    wsframe::put_header(out, opcode, payload.len());
+    out[at + 1] |= 0x80;
     let mask = fastrand::u32(..).to_be_bytes();
     out.extend_from_slice(&mask);
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
@@ -307,19 +295,11 @@ mod tests {
     use super::*;
 
     fn server_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
-        match payload.len() {
-            n @ 0..=125 => f.push(n as u8),
-            n @ 126..=0xffff => {
-                f.push(126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
+        let mut f = Vec::new();
+        wsframe::put_frame(&mut f, opcode, payload);
+        if !fin {
+            f[0] &= 0x7f;
         }
-        f.extend_from_slice(payload);
         f
     }
 
