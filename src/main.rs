@@ -34,6 +34,13 @@ fn main() -> ExitCode {
         tracing::warn!(limit, wanted = want, "open-file limit is below --max-connections");
     }
     let hist_dir = config.hist_dir.clone();
+    let signals = match switchyard::signals::Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("switchyard: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let broker = match switchyard::start(config) {
         Ok(b) => b,
         Err(e) => {
@@ -41,10 +48,7 @@ fn main() -> ExitCode {
             return ExitCode::from(e.exit_code());
         }
     };
-    if let Err(e) = switchyard::signals::wait_for_shutdown(&broker) {
-        eprintln!("switchyard: cannot install signal handlers: {e}");
-        return ExitCode::from(1);
-    }
+    signals.wait_for_shutdown(&broker);
     tracing::info!("shutting down: draining connections");
     let latency = broker.shutdown();
     if let Some(dir) = hist_dir {
