@@ -103,6 +103,78 @@ async fn sigterm_closes_every_client_with_1001_and_exits_0() {
     assert_eq!(status.and_then(|s| s.code()), Some(0), "exit status after SIGTERM");
 }
 
+/// The exit code of `child`, waited for at most [`WAIT`] (then killed: None).
+fn exit_code(child: &mut std::process::Child) -> Option<i32> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return s.code(),
+            _ if std::time::Instant::now() > deadline => {
+                let _ = child.kill();
+                return None;
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    }
+}
+
+fn sigterm(child: &std::process::Child) {
+    let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(term.success());
+}
+
+/// The handlers are in place before the broker says it is listening: a
+/// SIGTERM sent the moment the address is logged is a clean shutdown (exit
+/// 0), not the signal's default action (killed, no exit code). CI once lost
+/// that race on a loaded machine.
+#[test]
+fn sigterm_at_the_listening_line_is_a_clean_exit() {
+    for _ in 0..10 {
+        let (mut child, _, _) = spawn_binary(&["--shards", "1"]);
+        sigterm(&child);
+        assert_eq!(exit_code(&mut child), Some(0), "exit status after an early SIGTERM");
+    }
+}
+
+/// A log collector that goes away (stderr closed) costs the log lines, not
+/// the broker: clients are still served and SIGTERM still exits 0. (A failed
+/// log write used to fall back to `eprintln!`, which panics.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stderr_does_not_stop_the_broker() {
+    let mut child = loopback_broker(&["--shards", "2"])
+        .args(["--log-format", "json"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn broker");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let lines = std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok);
+        for line in lines {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["fields"]["message"] == "switchyard listening" {
+                let addr = |k: &str| v["fields"][k].as_str().unwrap_or_default().to_string();
+                let _ = tx.send((addr("client"), addr("api")));
+                return; // the read end of the pipe is dropped here
+            }
+        }
+    });
+    let (client, api) = rx.recv_timeout(WAIT).expect("broker logs its addresses");
+    // Connections, refusals and publishes all log something now and then.
+    for i in 0..4 {
+        let (status, body) = raw_upgrade(client.parse().unwrap(), "/ws?user=", "").await;
+        assert!((400..500).contains(&status), "{status} {body}");
+        let (mut ws, _) = connect_welcomed(&format!("ws://{client}/ws?user=c{i}")).await;
+        let body = json!({"user": format!("c{i}"), "event": "e", "data": i}).to_string();
+        let (status, _, _) = http(api.parse().unwrap(), "POST", "/v1/publish", body.into(), None).await;
+        assert_eq!(status, 200);
+        assert_eq!(next_events(&mut ws, 1).await[0]["data"], i);
+    }
+    sigterm(&child);
+    assert_eq!(exit_code(&mut child), Some(0), "exit status after SIGTERM with stderr closed");
+}
+
 #[tokio::test]
 async fn token_subcommand_mints_a_token_the_broker_accepts() {
     let out = Command::new(BIN)
