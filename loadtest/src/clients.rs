@@ -383,7 +383,7 @@ fn plain_string(s: &str) -> Option<(&str, &str)> {
     while b.get(i..i + 32) == Some(&[b'x'; 32][..]) {
         i += 32;
     }
-    i += switchyard::jsonscan::plain_words(&b[i..]);
+    i += switchyard::jsonscan::plain_prefix(&b[i..]);
     let end = i + b[i..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
     (b[end] == b'"').then(|| (&s[..end], &s[end + 1..]))
 }
