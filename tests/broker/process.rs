@@ -141,26 +141,7 @@ fn sigterm_at_the_listening_line_is_a_clean_exit() {
 /// log write used to fall back to `eprintln!`, which panics.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_stderr_does_not_stop_the_broker() {
-    let mut child = loopback_broker(&["--shards", "2"])
-        .args(["--log-format", "json"])
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn broker");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let lines = std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok);
-        for line in lines {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["fields"]["message"] == "switchyard listening" {
-                let addr = |k: &str| v["fields"][k].as_str().unwrap_or_default().to_string();
-                let _ = tx.send((addr("client"), addr("api")));
-                return; // the read end of the pipe is dropped here
-            }
-        }
-    });
-    let (client, api) = rx.recv_timeout(WAIT).expect("broker logs its addresses");
+    let (mut child, client, api) = spawn_then_close_stderr(loopback_broker(&["--shards", "2"]));
     // Connections, refusals and publishes all log something now and then.
     for i in 0..4 {
         let (status, body) = raw_upgrade(client.parse().unwrap(), "/ws?user=", "").await;

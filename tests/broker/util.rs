@@ -257,7 +257,17 @@ pub fn spawn_binary_measuring_rss(extra: &[&str]) -> (std::process::Child, Strin
 
 /// Starts a broker command (flags given by the caller) with JSON logs;
 /// returns the child and the two addresses it logs.
-pub fn spawn_logged(mut cmd: std::process::Command) -> (std::process::Child, String, String) {
+pub fn spawn_logged(cmd: std::process::Command) -> (std::process::Child, String, String) {
+    spawn_reading_logs(cmd, true)
+}
+
+/// [`spawn_logged`], but the read end of the broker's stderr is closed once
+/// the addresses are logged: a log collector that went away.
+pub fn spawn_then_close_stderr(cmd: std::process::Command) -> (std::process::Child, String, String) {
+    spawn_reading_logs(cmd, false)
+}
+
+fn spawn_reading_logs(mut cmd: std::process::Command, keep: bool) -> (std::process::Child, String, String) {
     let mut child = cmd
         .args(["--log-format", "json"])
         .stderr(std::process::Stdio::piped())
@@ -276,6 +286,9 @@ pub fn spawn_logged(mut cmd: std::process::Command) -> (std::process::Child, Str
                     v["fields"]["client"].as_str().unwrap_or_default().to_string(),
                     v["fields"]["api"].as_str().unwrap_or_default().to_string(),
                 ));
+                if !keep {
+                    return; // the read end of the pipe is dropped here
+                }
             }
         }
     });
