@@ -73,8 +73,13 @@ pub fn validate_event_name(raw: &str) -> Result<(), InvalidInput> {
     if ok {
         Ok(())
     } else {
-        Err(InvalidInput::new("invalid_event", "event names are 1-64 bytes of [A-Za-z0-9._:-]"))
+        Err(bad_event_name())
     }
+}
+
+/// The refusal of an event name that breaks [`validate_event_name`]'s rule.
+fn bad_event_name() -> InvalidInput {
+    InvalidInput::new("invalid_event", "event names are 1-64 bytes of [A-Za-z0-9._:-]")
 }
 
 /// Delivery priority of an event. The discriminant indexes per-priority arrays.
@@ -153,9 +158,7 @@ impl PreparedEvent {
     /// `name` must be a valid event name ([`validate_event_name`]: at most
     /// 64 bytes, nothing to escape) and `data` one JSON value.
     pub fn new(name: &str, data: &[u8], priority: Priority) -> Result<PreparedEvent, InvalidInput> {
-        let name_len = u8::try_from(name.len()).map_err(|_| {
-            InvalidInput::new("invalid_event", "event names are 1-64 bytes of [A-Za-z0-9._:-]")
-        })?;
+        let name_len = u8::try_from(name.len()).map_err(|_| bad_event_name())?;
         let data_len = u32::try_from(data.len())
             .map_err(|_| InvalidInput::new("payload_too_large", "\"data\" is over 4 GiB"))?;
         let p = priority.as_str().as_bytes();
