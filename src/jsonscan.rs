@@ -96,15 +96,19 @@ pub fn without_keys(text: &[u8], drop: &dyn Fn(&str) -> bool) -> Result<Vec<u8>,
 /// with it too.)
 #[inline]
 pub fn plain_prefix(b: &[u8]) -> usize {
-    let mut i = 0;
     #[cfg(target_arch = "x86_64")]
-    while let Some(chunk) = b.get(i..i + 16) {
-        match special_in_16(chunk) {
-            0 => i += 16,
-            mask => return i + mask.trailing_zeros() as usize,
+    {
+        let mut i = 0;
+        while let Some(chunk) = b.get(i..i + 16) {
+            match special_in_16(chunk) {
+                0 => i += 16,
+                mask => return i + mask.trailing_zeros() as usize,
+            }
         }
+        i + plain_words(&b[i..])
     }
-    i + plain_words(&b[i..])
+    #[cfg(not(target_arch = "x86_64"))]
+    plain_words(b)
 }
 
 /// A bit per byte of `chunk` (16 bytes) that is a quote, a backslash or a
