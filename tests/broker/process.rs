@@ -85,22 +85,12 @@ async fn sigterm_closes_every_client_with_1001_and_exits_0() {
     let body = json!({"user": "t0", "event": "last"}).to_string();
     let (status, _, _) = http(api, "POST", "/v1/publish", body.into(), None).await;
     assert_eq!(status, 200);
-    let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
-    assert!(term.success());
+    sigterm(&child);
     assert_eq!(next_json(&mut clients[0]).await["event"], "last");
     for ws in clients.iter_mut() {
         assert_eq!(close_code(ws).await, 1001);
     }
-    let pid = child.id();
-    let waited = tokio::time::timeout(WAIT, tokio::task::spawn_blocking(move || child.wait())).await;
-    let status = match waited {
-        Ok(Ok(Ok(s))) => Some(s),
-        _ => {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            None
-        }
-    };
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "exit status after SIGTERM");
+    assert_eq!(exit_code(&mut child), Some(0), "exit status after SIGTERM");
 }
 
 /// The exit code of `child`, waited for at most [`WAIT`] (then killed: None).
