@@ -436,12 +436,22 @@ impl ShardCore {
         let mut delivered = 0;
         // Encoded once per transport that needs it, not once per connection.
         let mut sse_frame: Option<bytes::Bytes> = None;
-        for &key in &user.conns {
+        // The last connection takes the frame itself: a user's only
+        // connection (the common case) costs no reference count.
+        let mut frame = Some(frame);
+        let last = user.conns.len().saturating_sub(1);
+        for (i, &key) in user.conns.iter().enumerate() {
             let Some(conn) = conns.get(key).filter(|c| !c.pending.get()) else { continue };
-            let frame = if conn.sse {
-                sse_frame.get_or_insert_with(|| crate::sse::event(&user.epoch, seq, &frame)).clone()
-            } else {
-                frame.clone()
+            let Some(text) = frame.as_ref() else { break };
+            let frame = match (conn.sse, i == last) {
+                (true, _) => {
+                    sse_frame.get_or_insert_with(|| crate::sse::event(&user.epoch, seq, text)).clone()
+                }
+                (false, false) => text.clone(),
+                (false, true) => match frame.take() {
+                    Some(f) => f,
+                    None => break,
+                },
             };
             let out = Outbound { frame, accepted: Some(accepted), priority };
             match conn.push_event(out) {
