@@ -423,7 +423,7 @@ impl ShardCore {
         user_id: &UserId,
         user: &mut UserState,
         (seq, seg): (u64, u64),
-        frame: bytes::Bytes,
+        mut frame: bytes::Bytes,
         priority: Priority,
         accepted: Instant,
         now: Instant,
@@ -436,24 +436,20 @@ impl ShardCore {
         let mut delivered = 0;
         // Encoded once per transport that needs it, not once per connection.
         let mut sse_frame: Option<bytes::Bytes> = None;
-        // The last connection takes the frame itself: a user's only
-        // connection (the common case) costs no reference count.
-        let mut frame = Some(frame);
+        // The last connection takes the frame itself (leaving an empty,
+        // static one behind): a user's only connection (the common case)
+        // costs no reference count.
         let last = user.conns.len().saturating_sub(1);
         for (i, &key) in user.conns.iter().enumerate() {
             let Some(conn) = conns.get(key).filter(|c| !c.pending.get()) else { continue };
-            let Some(text) = frame.as_ref() else { break };
-            let frame = match (conn.sse, i == last) {
+            let wire = match (conn.sse, i == last) {
                 (true, _) => {
-                    sse_frame.get_or_insert_with(|| crate::sse::event(&user.epoch, seq, text)).clone()
+                    sse_frame.get_or_insert_with(|| crate::sse::event(&user.epoch, seq, &frame)).clone()
                 }
-                (false, false) => text.clone(),
-                (false, true) => match frame.take() {
-                    Some(f) => f,
-                    None => break,
-                },
+                (false, false) => frame.clone(),
+                (false, true) => std::mem::take(&mut frame),
             };
-            let out = Outbound { frame, accepted: Some(accepted), priority };
+            let out = Outbound { frame: wire, accepted: Some(accepted), priority };
             match conn.push_event(out) {
                 Enqueued::Queued { shed } => {
                     delivered += 1;
