@@ -25,7 +25,8 @@ pub(crate) enum Cmd {
     /// logic writes pre-encoded frames to N clients, `--batch` per writev.
     Ceiling(CeilingArgs),
     /// Serve as a relay with no broker logic (read, number, write) for this
-    /// generator to run against: the latency floor beside the brokers.
+    /// generator to run against: the floor beside the brokers (deliveries/s
+    /// at max rate, latency at fixed rates).
     Relay(RelayArgs),
 }
 

@@ -383,12 +383,15 @@ pub(crate) async fn publisher_task(
                                 }
                                 continue;
                             }
-                            if let Err(e) = sink.send(Message::text(frame.clone())).await {
-                                pending.push_back(Unacked { frame, users, sent_at: Instant::now() });
+                            // Only a stream that may be retried keeps its
+                            // frames to send again (a copy per frame).
+                            let kept = if retry.is_some() { frame.clone() } else { String::new() };
+                            if let Err(e) = sink.send(Message::text(frame)).await {
+                                pending.push_back(Unacked { frame: kept, users, sent_at: Instant::now() });
                                 break 'stream anyhow!("publisher send: {e}");
                             }
                             lag.written(due.iter().copied());
-                            pending.push_back(Unacked { frame, users, sent_at: Instant::now() });
+                            pending.push_back(Unacked { frame: kept, users, sent_at: Instant::now() });
                         }
                         Err(_) => input_done = true,
                     },
