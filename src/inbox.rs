@@ -98,6 +98,11 @@ pub enum Command {
         deadline: Instant,
     },
     Publish(PublishCmd),
+    /// Several events from one request, in order, pushed as one command (one
+    /// ring push and pop instead of one per event). It holds a ring slot per
+    /// event, so the ring still bounds events; the shard gives the extra
+    /// ones back when it takes it, and may apply it over several passes.
+    PublishBatch(Vec<PublishCmd>),
     /// Answer this once everything pushed before it (by the same producer)
     /// has been applied: a fire-and-forget publisher's flow control.
     Fence(Ack),

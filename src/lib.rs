@@ -16,9 +16,11 @@
 //!
 //! **Data path.** publisher (HTTP or `/v1/stream`, on a shard thread) →
 //! parse + validate in one pass ([`jsonscan`], [`protocol`]) → routing
-//! `load()` → reserve + push into the owning shard's ring ([`publish`]) → the
-//! shard (a pass takes up to 4,096 commands, ending early once a
-//! connection's queue is half full) assigns `seq`, encodes the frame once
+//! `load()` → reserve + push into the owning shard's ring ([`publish`]; a
+//! stream message's events for one shard go as one batch command holding a
+//! ring slot per event) → the shard (a pass takes up to 4,096 events,
+//! ending early once a connection's queue is half full, even inside a
+//! batch, whose rest opens the next pass) assigns `seq`, encodes the frame once
 //! (WebSocket header included), appends it to the user's history and queues
 //! the same buffer on each of the user's connections ([`connection`]) → each
 //! connection's writer flushes everything queued with one write (small

@@ -271,7 +271,7 @@ async fn submit_stepwise(
         let index = out.len();
         out.push(Ok(commands(req, &shards, &stamp, item_acks, &mut slot, |s, cmd| item_cmds.push((s, cmd)))));
         for (s, cmd) in item_cmds.drain(..) {
-            steps[s].add(Command::Publish(cmd), index);
+            steps[s].add(cmd, index);
             if steps[s].cmds.len() >= step {
                 steps[s].push(shared, s, deadline, &mut out).await;
             }
@@ -280,18 +280,17 @@ async fn submit_stepwise(
     let mut fenced = Vec::new();
     for (s, st) in steps.iter_mut().enumerate() {
         let all = st.all.take().unwrap_or_default();
-        if !all.is_empty() {
-            st.cmds.push(Command::Fence(acks.ack(s)));
-        }
-        st.push(shared, s, deadline, &mut out).await;
+        let fence = (!all.is_empty()).then(|| acks.ack(s));
+        st.push_with(shared, s, deadline, &mut out, fence).await;
         fenced.push(all);
     }
     (out, fenced)
 }
 
-/// One shard's commands waiting to be pushed, and the items they belong to.
+/// One shard's events waiting to be pushed (as one batch command), and the
+/// items they belong to.
 struct Step {
-    cmds: Vec<Command>,
+    cmds: Vec<PublishCmd>,
     /// The items with a command in `cmds`.
     items: Runs,
     /// When the request ends with a fence on this shard (no ack per item):
@@ -304,7 +303,7 @@ impl Step {
         Step { cmds: Vec::new(), items: Runs::default(), all: fenced.then(Runs::default) }
     }
 
-    fn add(&mut self, cmd: Command, item: usize) {
+    fn add(&mut self, cmd: PublishCmd, item: usize) {
         self.cmds.push(cmd);
         self.items.add(item);
         if let Some(all) = self.all.as_mut() {
@@ -320,7 +319,19 @@ impl Step {
         deadline: tokio::time::Instant,
         out: &mut [Result<Pending, PublishError>],
     ) {
-        if !push_step(shared, s, &mut self.cmds, deadline).await {
+        self.push_with(shared, s, deadline, out, None).await;
+    }
+
+    /// [`Step::push`], with a fence after the events when one is given.
+    async fn push_with(
+        &mut self,
+        shared: &Shared,
+        s: usize,
+        deadline: tokio::time::Instant,
+        out: &mut [Result<Pending, PublishError>],
+        fence: Option<crate::shard::Ack>,
+    ) {
+        if !push_step(shared, s, &mut self.cmds, fence, deadline).await {
             for i in self.items.iter() {
                 out[i] = Err(PublishError::Unavailable);
             }
@@ -353,23 +364,31 @@ impl Runs {
     }
 }
 
-/// Pushes one step's commands into shard `s`, waiting for room until
+/// Pushes one step's events into shard `s` as one batch command (a slot
+/// per event), then the fence if there is one, waiting for room until
 /// `deadline`; past it the commands are dropped (their replies then fail)
 /// and `false` is returned.
 async fn push_step(
     shared: &Shared,
     s: usize,
-    buf: &mut Vec<Command>,
+    buf: &mut Vec<PublishCmd>,
+    fence: Option<crate::shard::Ack>,
     deadline: tokio::time::Instant,
 ) -> bool {
-    if buf.is_empty() {
+    let slots = buf.len() + usize::from(fence.is_some());
+    if slots == 0 {
         return true;
     }
     let ring = &shared.shards[s].ring;
     loop {
-        if let Ok(mut permit) = ring.reserve(buf.len()) {
-            for cmd in buf.drain(..) {
-                permit.push(cmd);
+        if let Ok(mut permit) = ring.reserve(slots) {
+            match buf.len() {
+                0 => {}
+                1 => permit.push(Command::Publish(buf.remove(0))),
+                n => permit.push_counted(Command::PublishBatch(std::mem::take(buf)), n),
+            }
+            if let Some(f) = fence {
+                permit.push(Command::Fence(f));
             }
             return true;
         }

@@ -53,9 +53,10 @@ impl<T> Ring<T> {
         self.queue.capacity()
     }
 
-    /// Commands waiting (approximate while producers are active).
+    /// Slots taken: events waiting (a batch command holds one per event),
+    /// plus room producers have reserved and not yet filled.
     pub fn len(&self) -> usize {
-        self.queue.len()
+        self.reserved.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -97,6 +98,14 @@ impl<T> Ring<T> {
         Some(cmd)
     }
 
+    /// Consumer side: gives back the slots a counted command held beyond
+    /// the one [`Ring::pop`] gives back (see [`Permit::push_counted`]).
+    pub fn release(&self, n: usize) {
+        if n > 0 {
+            self.reserved.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
     /// Consumer side: `Ready` when a command is waiting, else registers the
     /// waker so the next push wakes the shard.
     pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
@@ -132,6 +141,17 @@ impl<T> Permit<'_, T> {
     }
 }
 
+impl<T> Permit<'_, T> {
+    /// Pushes one command that stands for `count` of the reserved slots (a
+    /// batch of events: the ring's bound stays a bound on events). The
+    /// consumer gives back all but one with [`Ring::release`].
+    pub fn push_counted(&mut self, cmd: T, count: usize) {
+        assert!(count >= 1 && self.left >= count, "pushed more than reserved");
+        self.left -= count - 1;
+        self.push(cmd);
+    }
+}
+
 impl<T> Drop for Permit<'_, T> {
     fn drop(&mut self) {
         if self.left > 0 {
@@ -162,6 +182,22 @@ mod tests {
         assert!(r.push(5).is_err());
         assert_eq!(r.pop(), Some(1));
         assert!(r.push(5).is_ok());
+    }
+
+    #[test]
+    fn a_counted_command_holds_its_slots_until_released() {
+        let r: Ring<u32> = Ring::new(8);
+        let mut p = r.reserve(6).unwrap();
+        p.push_counted(1, 5);
+        p.push(2);
+        drop(p);
+        assert_eq!(r.len(), 6);
+        assert!(r.reserve(3).is_err(), "the batch's slots stay taken");
+        assert_eq!(r.pop(), Some(1));
+        assert!(r.reserve(4).is_err(), "until the consumer releases them");
+        r.release(4);
+        assert_eq!(r.len(), 1);
+        assert!(r.reserve(7).is_ok());
     }
 
     #[test]

@@ -127,6 +127,11 @@ pub struct ShardCore {
     enforce_budget_later: Cell<bool>,
     /// A connection's queue reached half of a limit during this pass.
     pass_full: Cell<bool>,
+    /// Commands (a batch's events one each) this pass may still apply.
+    pass_left: Cell<usize>,
+    /// The rest of a batch command a full pass stopped in: applied first in
+    /// the next pass, before anything else is taken from the ring.
+    carry: RefCell<Option<std::vec::IntoIter<PublishCmd>>>,
     /// The time the current pass began: publishes stamp history entries and
     /// new users with it (one clock read per pass, not per event; TTLs are
     /// coarser than a pass).
@@ -149,6 +154,8 @@ impl ShardCore {
             regressions: RefCell::new(Vec::new()),
             enforce_budget_later: Cell::new(false),
             pass_full: Cell::new(false),
+            pass_left: Cell::new(MAX_PASS),
+            carry: RefCell::new(None),
             pass_clock: Cell::new(Instant::now()),
             shared,
         }
@@ -177,9 +184,16 @@ impl ShardCore {
 
     /// Applies one command; `Some(deadline)` when it was the shutdown.
     fn apply(self: &Rc<Self>, cmd: Command) -> Option<Instant> {
+        self.pass_left.set(self.pass_left.get().saturating_sub(1));
         match cmd {
             Command::Shutdown { deadline } => return Some(deadline),
             Command::Publish(p) => self.publish(p),
+            Command::PublishBatch(batch) => {
+                self.handle().ring.release(batch.len().saturating_sub(1));
+                // Its first event was counted above, as a command.
+                self.pass_left.set(self.pass_left.get() + 1);
+                self.publish_run(batch.into_iter());
+            }
             // With `--fsync always` after what came before is durable, as a reply would be.
             Command::Fence(reply) => self.answer_after_sync(Deferred::Reply {
                 reply,
@@ -217,7 +231,35 @@ impl ShardCore {
     /// A pass over the ring begins.
     fn start_pass(&self) {
         self.pass_full.set(false);
+        self.pass_left.set(MAX_PASS);
         self.pass_clock.set(Instant::now());
+    }
+
+    /// Whether this pass may take another command from the ring: nothing is
+    /// carried over, and the pass is neither long enough nor full.
+    fn pass_open(&self) -> bool {
+        self.pass_left.get() > 0 && !self.pass_full.get() && self.carry.borrow().is_none()
+    }
+
+    /// Applies a batch's events in order until the pass is over; the rest
+    /// is carried to the next pass.
+    fn publish_run(&self, mut run: std::vec::IntoIter<PublishCmd>) {
+        while self.pass_left.get() > 0 && !self.pass_full.get() {
+            let Some(p) = run.next() else { return };
+            self.pass_left.set(self.pass_left.get() - 1);
+            self.publish(p);
+        }
+        if run.len() > 0 {
+            *self.carry.borrow_mut() = Some(run);
+        }
+    }
+
+    /// Applies what the last pass carried over, first in this one.
+    fn apply_carry(&self) {
+        let carried = self.carry.borrow_mut().take();
+        if let Some(run) = carried {
+            self.publish_run(run);
+        }
     }
 
     fn publish(&self, p: PublishCmd) {
@@ -1001,8 +1043,12 @@ pub fn run(id: usize, shared: Arc<Shared>, started: std::sync::mpsc::Sender<()>)
         // Late commands are still applied, so nobody waits on a dropped reply.
         while core.connection_count() > 0 && Instant::now() < deadline {
             core.start_pass();
-            while let Some(cmd) = core.handle().ring.pop() {
+            core.apply_carry();
+            while core.carry.borrow().is_none() {
+                let Some(cmd) = core.handle().ring.pop() else { break };
                 core.apply(cmd);
+                core.pass_left.set(MAX_PASS); // this loop takes all it finds
+                core.pass_full.set(false);
             }
             core.commit_pass();
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1017,17 +1063,16 @@ pub fn run(id: usize, shared: Arc<Shared>, started: std::sync::mpsc::Sender<()>)
 async fn drain_ring(core: &Rc<ShardCore>) -> Instant {
     let ring = &core.handle().ring;
     loop {
-        std::future::poll_fn(|cx| ring.poll_ready(cx)).await;
-        let mut n = 0;
+        if core.carry.borrow().is_none() {
+            std::future::poll_fn(|cx| ring.poll_ready(cx)).await;
+        }
         core.start_pass();
-        while let Some(cmd) = ring.pop() {
+        core.apply_carry();
+        while core.pass_open() {
+            let Some(cmd) = ring.pop() else { break };
             if let Some(deadline) = core.apply(cmd) {
                 core.commit_pass();
                 return deadline;
-            }
-            n += 1;
-            if n == MAX_PASS || core.pass_full.get() {
-                break;
             }
         }
         // One group commit per pass (a no-op without --data-dir).

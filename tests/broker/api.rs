@@ -3,7 +3,6 @@
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::util::*;
@@ -98,16 +97,6 @@ async fn broadcast_reaches_every_connected_user() {
         assert_eq!(ev["seq"], 1);
     }
     b.stop().await;
-}
-
-async fn stream(b: &TestBroker, query: &str) -> Ws {
-    let url = format!("ws://{}/v1/stream{}", b.api, query);
-    let mut req = url.into_client_request().unwrap();
-    if let Some(k) = &b.api_key {
-        req.headers_mut().insert("authorization", format!("Bearer {k}").parse().unwrap());
-    }
-    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req)).await.unwrap().unwrap();
-    ws
 }
 
 #[tokio::test]

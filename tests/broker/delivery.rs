@@ -341,3 +341,31 @@ async fn regression_burst_over_max_queue_is_not_shed_for_a_reader() {
     assert_eq!(stats["events"]["shed"], 0, "{stats}");
     b.stop().await;
 }
+
+/// The same burst through a publisher stream with acks: its events reach
+/// the shard as one batch command, which a pass that fills the reader's
+/// queue to half stops inside and the next passes finish, in order, with
+/// nothing shed and every item acked once.
+#[tokio::test]
+async fn a_stream_message_bigger_than_half_the_queue_is_applied_over_several_passes() {
+    let b = TestBroker::with(|c| {
+        c.max_queue = 16;
+        c.history_size = 8;
+    });
+    let (mut ws, _) = b.connect("reader").await;
+    let mut pubs = stream(&b, "?acks=1").await;
+    let lines: Vec<String> =
+        (0..300).map(|i| json!({"user": "reader", "event": "bulk", "data": {"i": i}}).to_string()).collect();
+    pubs.send(Message::text(lines.join("\n"))).await.unwrap();
+    let ack = next_json(&mut pubs).await;
+    let acked: Vec<u64> =
+        ack["results"].as_array().unwrap().iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(acked, (1..=300).collect::<Vec<_>>(), "{ack}");
+    let evs = next_events(&mut ws, 300).await;
+    assert_eq!(seqs(&evs), (1..=300).collect::<Vec<_>>());
+    let data: Vec<u64> = evs.iter().map(|e| e["data"]["i"].as_u64().unwrap()).collect();
+    assert_eq!(data, (0..300).collect::<Vec<_>>());
+    let (_, stats) = b.get("/v1/stats").await;
+    assert_eq!(stats["events"]["shed"], 0, "{stats}");
+    b.stop().await;
+}

@@ -364,6 +364,18 @@ pub fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A publisher stream (`/v1/stream` + `query`), with the API key if any.
+pub async fn stream(b: &TestBroker, query: &str) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("ws://{}/v1/stream{}", b.api, query);
+    let mut req = url.into_client_request().unwrap();
+    if let Some(k) = &b.api_key {
+        req.headers_mut().insert("authorization", format!("Bearer {k}").parse().unwrap());
+    }
+    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req)).await.unwrap().unwrap();
+    ws
+}
+
 /// A hand-written publisher-stream upgrade request (`?acks=1`), to which
 /// raw client frames can be appended and sent in the same write.
 pub fn stream_upgrade_head(api_key: Option<&str>) -> Vec<u8> {
