@@ -51,7 +51,7 @@ pub struct Flags {
     #[arg(long, env = "SWITCHYARD_IO_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub io_threads: u16,
 
-    /// Commands each shard's ring holds; a full ring answers 503.
+    /// Slots in each shard's ring (an event or a command each); a full ring answers 503.
     #[arg(long, env = "SWITCHYARD_RING_CAPACITY", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
     pub ring_capacity: u32,
 
