@@ -65,7 +65,15 @@ impl Acks {
     /// The answer handle for slot `index` (each index at most once).
     pub fn ack(self: &Arc<Self>, index: usize) -> Ack {
         self.remaining.fetch_add(1, Ordering::Relaxed);
-        Ack { acks: self.clone(), index, done: false }
+        Ack { acks: self.clone(), index: short(index), done: false }
+    }
+
+    /// The answers for `count` slots carried by one batch command: one
+    /// counter update and one reference for all of them, instead of one
+    /// [`Ack`] each.
+    pub fn batch(self: &Arc<Self>, count: usize) -> BatchAcks {
+        self.remaining.fetch_add(count, Ordering::Relaxed);
+        BatchAcks { acks: self.clone(), owed: count }
     }
 
     /// Submission is over: no more acks will be handed out.
@@ -110,19 +118,98 @@ impl Acks {
 /// The right to answer one event of a request.
 pub struct Ack {
     acks: Arc<Acks>,
-    index: usize,
+    /// Slots stay under 1,000 items × 1,000 users (a `u32` keeps commands
+    /// small); one past it would only read as failed.
+    index: u32,
     done: bool,
 }
 
-impl Ack {
-    pub fn send(mut self, d: Delivery) {
-        if let Some(slot) = self.acks.slots.get(self.index) {
+impl Acks {
+    /// Writes slot `index`'s answer (its ack is finished separately).
+    fn fill(&self, index: usize, d: Delivery) {
+        if let Some(slot) = self.slots.get(index) {
             slot.seq.store(d.seq, Ordering::Relaxed);
             let dup = if d.duplicate { DUPLICATE } else { 0 };
             slot.meta.store(FILLED | dup | u64::from(d.delivered), Ordering::Relaxed);
         }
+    }
+
+    fn finish(&self, n: usize) {
+        if n > 0 && self.remaining.fetch_sub(n, Ordering::AcqRel) == n {
+            self.waker.wake();
+        }
+    }
+}
+
+impl Ack {
+    pub fn send(mut self, d: Delivery) {
+        self.acks.fill(self.index as usize, d);
         self.done = true;
         self.acks.finish_one();
+    }
+}
+
+/// A slot index as stored in an [`Ack`]; past `u32` it names no slot.
+fn short(index: usize) -> u32 {
+    u32::try_from(index).unwrap_or(u32::MAX)
+}
+
+/// The answers owed for the events of one batch command (see
+/// [`Acks::batch`]): each slot is answered in place, or handed out as an
+/// [`Ack`] of its own for an answer that must wait; whatever is still owed
+/// is finished at once when the batch is done — or dropped, in which case
+/// its unanswered slots read as failed, as a dropped [`Ack`]'s do.
+pub struct BatchAcks {
+    acks: Arc<Acks>,
+    owed: usize,
+}
+
+impl BatchAcks {
+    /// Answers slot `index` now.
+    pub fn send(&mut self, index: usize, d: Delivery) {
+        self.acks.fill(index, d);
+    }
+
+    /// Slot `index` as an [`Ack`] of its own, for an answer given later;
+    /// the batch no longer owes it.
+    pub fn detach(&mut self, index: usize) -> Ack {
+        self.owed = self.owed.saturating_sub(1);
+        Ack { acks: self.acks.clone(), index: short(index), done: false }
+    }
+}
+
+/// Where one event's result goes, as the shard applies it.
+pub enum Answer<'a> {
+    /// Nowhere: no result was asked for.
+    None,
+    /// An [`Ack`] of its own.
+    Ack(Ack),
+    /// Slot `.1` of the batch answers `.0`.
+    Batch(&'a mut BatchAcks, usize),
+}
+
+impl Answer<'_> {
+    pub fn send(self, d: Delivery) {
+        match self {
+            Answer::None => {}
+            Answer::Ack(a) => a.send(d),
+            Answer::Batch(b, i) => b.send(i, d),
+        }
+    }
+
+    /// As an [`Ack`] of its own, for an answer given later.
+    pub fn detach(self) -> Option<Ack> {
+        match self {
+            Answer::None => None,
+            Answer::Ack(a) => Some(a),
+            Answer::Batch(b, i) => Some(b.detach(i)),
+        }
+    }
+}
+
+impl Drop for BatchAcks {
+    fn drop(&mut self) {
+        self.acks.finish(self.owed);
     }
 }
 
@@ -137,6 +224,23 @@ impl Drop for Ack {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_settles_once_done_with_its_detached_acks_answered_and_the_rest_failed() {
+        let acks = Acks::new(4);
+        let mut batch = acks.batch(3);
+        acks.seal();
+        batch.send(0, Delivery { seq: 1, delivered: 1, duplicate: false });
+        let later = batch.detach(1);
+        assert!(futures_util::FutureExt::now_or_never(acks.settled()).is_none());
+        drop(batch); // slot 2 was never reached
+        assert!(futures_util::FutureExt::now_or_never(acks.settled()).is_none(), "the detached ack is out");
+        later.send(Delivery { seq: 2, delivered: 0, duplicate: true });
+        assert!(futures_util::FutureExt::now_or_never(acks.settled()).is_some());
+        assert_eq!(acks.get(0), Some(Delivery { seq: 1, delivered: 1, duplicate: false }));
+        assert_eq!(acks.get(1), Some(Delivery { seq: 2, delivered: 0, duplicate: true }));
+        assert_eq!(acks.get(2), None, "an unreached slot reads as failed");
+    }
 
     #[test]
     fn settles_when_every_ack_is_answered_or_dropped_and_keeps_each_answer() {

@@ -16,7 +16,7 @@ use crate::metrics::{Latency, ShardMetrics};
 use crate::protocol::{PreparedEvent, UserId};
 use crate::ring::{Permit, Ring, RingFull};
 
-pub use crate::acks::{Ack, Delivery};
+pub use crate::acks::{Ack, BatchAcks, Delivery};
 
 /// One event for one user.
 pub struct PublishCmd {
@@ -30,6 +30,18 @@ pub struct PublishCmd {
     pub id: Option<Arc<str>>,
     /// Where the result goes (its slot in the request's ack block).
     pub reply: Option<Ack>,
+    /// Its slot in the request's ack block when the [`Batch`] carrying it
+    /// answers for it (`reply` is then `None`).
+    pub slot: u32,
+}
+
+/// Several events from one request for one shard, in order (see
+/// [`Command::PublishBatch`]).
+pub struct Batch {
+    pub events: Vec<PublishCmd>,
+    /// With a result per event: the answers owed, one per event, each to
+    /// its event's `slot`.
+    pub acks: Option<BatchAcks>,
 }
 
 /// A resume request from `?since=&epoch=`.
@@ -102,7 +114,7 @@ pub enum Command {
     /// ring push and pop instead of one per event). It holds a ring slot per
     /// event, so the ring still bounds events; the shard gives the extra
     /// ones back when it takes it, and may apply it over several passes.
-    PublishBatch(Vec<PublishCmd>),
+    PublishBatch(Batch),
     /// Answer this once everything pushed before it (by the same producer)
     /// has been applied: a fire-and-forget publisher's flow control.
     Fence(Ack),

@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 
 use crate::acks::Acks;
 use crate::protocol::{self, InvalidInput, PreparedEvent, PublishRequest, Target, UserId};
-use crate::shard::{BroadcastOutcome, Command, Delivery, Permit, PublishCmd};
+use crate::shard::{Batch, BroadcastOutcome, Command, Delivery, Permit, PublishCmd};
 use crate::shared::Shared;
 
 /// Why a publish was not applied.
@@ -184,35 +184,55 @@ struct Stamp {
     ts_ms: u64,
 }
 
+/// Who answers a request's commands.
+#[derive(Clone, Copy)]
+enum Answers<'a> {
+    /// Nobody: no result per event.
+    None,
+    /// Each command, through an [`crate::acks::Ack`] of its own.
+    Each(&'a Arc<Acks>),
+    /// The batch command carrying it ([`push_step`]); each command only
+    /// knows its slot.
+    ByBatch,
+}
+
 /// Turns an item into one command per user, in target order, handing each
-/// to `push` with its shard; slots of `acks` are taken from `next_slot` on.
+/// to `push` with its shard; result slots are taken from `next_slot` on.
 /// Returns the replies to wait for. A single-user item moves its parts into
 /// its command (no clone, no list).
 fn commands(
     req: PublishRequest,
     shards: &Shards,
     stamp: &Stamp,
-    acks: Option<&Arc<Acks>>,
+    answers: Answers<'_>,
     next_slot: &mut usize,
     mut push: impl FnMut(usize, PublishCmd),
 ) -> Pending {
     let mut take_slot = || {
         let slot = *next_slot;
         *next_slot += 1;
-        (acks.map(|_| slot), acks.map(|a| a.ack(slot)))
+        // Slots stay under 1,000 items × 1,000 users; one past u32 would
+        // only read as failed.
+        let short = u32::try_from(slot).unwrap_or(u32::MAX);
+        match answers {
+            Answers::None => (None, None, 0),
+            Answers::Each(acks) => (Some(slot), Some(acks.ack(slot)), short),
+            Answers::ByBatch => (Some(slot), None, short),
+        }
     };
-    let cmd = |user, event, id, reply| PublishCmd {
+    let cmd = |user, event, id, (reply, slot)| PublishCmd {
         user,
         event,
         accepted: stamp.accepted,
         ts_ms: stamp.ts_ms,
         id,
         reply,
+        slot,
     };
     match (req.target, shards) {
         (Target::One(user), Shards::One(s)) => {
-            let (mine, reply) = take_slot();
-            push(*s, cmd(user, req.event, req.id, reply));
+            let (mine, reply, slot) = take_slot();
+            push(*s, cmd(user, req.event, req.id, (reply, slot)));
             Pending::One(mine)
         }
         (target, shards) => {
@@ -222,8 +242,8 @@ fn commands(
             };
             let mut pending = Vec::with_capacity(users.len());
             for (user, &s) in users.into_iter().zip(shards.as_slice()) {
-                let (mine, reply) = take_slot();
-                push(s, cmd(user.clone(), req.event.clone(), req.id.clone(), reply));
+                let (mine, reply, slot) = take_slot();
+                push(s, cmd(user.clone(), req.event.clone(), req.id.clone(), (reply, slot)));
                 pending.push((user, mine));
             }
             Pending::Many(pending)
@@ -252,7 +272,7 @@ async fn submit_stepwise(
 ) -> (Vec<Result<Pending, PublishError>>, Vec<Runs>) {
     let stamp = Stamp { accepted: Instant::now(), ts_ms: unix_ms() };
     let mut slot = 0;
-    let item_acks = per_item.then_some(acks);
+    let (answers, batch_acks) = if per_item { (Answers::ByBatch, Some(acks)) } else { (Answers::None, None) };
     let step = step_size(shared);
     let deadline = tokio::time::Instant::now() + STEP_WAIT;
     let mut steps: Vec<Step> = (0..shared.shards.len()).map(|_| Step::new(!per_item)).collect();
@@ -269,11 +289,11 @@ async fn submit_stepwise(
             }
         };
         let index = out.len();
-        out.push(Ok(commands(req, &shards, &stamp, item_acks, &mut slot, |s, cmd| item_cmds.push((s, cmd)))));
+        out.push(Ok(commands(req, &shards, &stamp, answers, &mut slot, |s, cmd| item_cmds.push((s, cmd)))));
         for (s, cmd) in item_cmds.drain(..) {
             steps[s].add(cmd, index);
             if steps[s].cmds.len() >= step {
-                steps[s].push(shared, s, deadline, &mut out).await;
+                steps[s].push(shared, s, deadline, &mut out, batch_acks, None).await;
             }
         }
     }
@@ -281,7 +301,7 @@ async fn submit_stepwise(
     for (s, st) in steps.iter_mut().enumerate() {
         let all = st.all.take().unwrap_or_default();
         let fence = (!all.is_empty()).then(|| acks.ack(s));
-        st.push_with(shared, s, deadline, &mut out, fence).await;
+        st.push(shared, s, deadline, &mut out, batch_acks, fence).await;
         fenced.push(all);
     }
     (out, fenced)
@@ -311,27 +331,19 @@ impl Step {
         }
     }
 
-    /// Pushes the step into shard `s`; when it could not be, its items fail.
+    /// Pushes the step into shard `s` (its results answered through
+    /// `acks`, if given), and the fence after it if there is one; when it
+    /// could not be, its items fail.
     async fn push(
         &mut self,
         shared: &Shared,
         s: usize,
         deadline: tokio::time::Instant,
         out: &mut [Result<Pending, PublishError>],
-    ) {
-        self.push_with(shared, s, deadline, out, None).await;
-    }
-
-    /// [`Step::push`], with a fence after the events when one is given.
-    async fn push_with(
-        &mut self,
-        shared: &Shared,
-        s: usize,
-        deadline: tokio::time::Instant,
-        out: &mut [Result<Pending, PublishError>],
+        acks: Option<&Arc<Acks>>,
         fence: Option<crate::shard::Ack>,
     ) {
-        if !push_step(shared, s, &mut self.cmds, fence, deadline).await {
+        if !push_step(shared, s, &mut self.cmds, acks, fence, deadline).await {
             for i in self.items.iter() {
                 out[i] = Err(PublishError::Unavailable);
             }
@@ -364,14 +376,16 @@ impl Runs {
     }
 }
 
-/// Pushes one step's events into shard `s` as one batch command (a slot
-/// per event), then the fence if there is one, waiting for room until
-/// `deadline`; past it the commands are dropped (their replies then fail)
-/// and `false` is returned.
+/// Pushes one step's events into shard `s` as one batch command (a ring
+/// slot per event; with `acks`, answering each event's result slot), then
+/// the fence if there is one, waiting for room until `deadline`; past it
+/// the commands are dropped (their replies then fail) and `false` is
+/// returned.
 async fn push_step(
     shared: &Shared,
     s: usize,
     buf: &mut Vec<PublishCmd>,
+    acks: Option<&Arc<Acks>>,
     fence: Option<crate::shard::Ack>,
     deadline: tokio::time::Instant,
 ) -> bool {
@@ -384,8 +398,15 @@ async fn push_step(
         if let Ok(mut permit) = ring.reserve(slots) {
             match buf.len() {
                 0 => {}
-                1 => permit.push(Command::Publish(buf.remove(0))),
-                n => permit.push_counted(Command::PublishBatch(std::mem::take(buf)), n),
+                1 => {
+                    let mut cmd = buf.remove(0);
+                    cmd.reply = acks.map(|a| a.ack(cmd.slot as usize));
+                    permit.push(Command::Publish(cmd));
+                }
+                n => {
+                    let batch = Batch { events: std::mem::take(buf), acks: acks.map(|a| a.batch(n)) };
+                    permit.push_counted(Command::PublishBatch(batch), n);
+                }
             }
             if let Some(f) = fence {
                 permit.push(Command::Fence(f));
@@ -428,7 +449,8 @@ fn submit_all(
             if shards.as_slice().iter().any(|&s| permits[s].is_none()) {
                 return Err(PublishError::Overloaded);
             }
-            Ok(commands(req, &shards, &stamp, acks, &mut slot, |s, cmd| {
+            let answers = acks.map_or(Answers::None, Answers::Each);
+            Ok(commands(req, &shards, &stamp, answers, &mut slot, |s, cmd| {
                 if let Some(p) = permits[s].as_mut() {
                     p.push(Command::Publish(cmd));
                 }

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
+use crate::acks::Answer;
 use crate::connection::{self, Conn, Enqueued, Outbound};
 use crate::metrics::{bump, Latency};
 use crate::protocol::{self, PreparedEvent, Priority, UserId, Welcome};
@@ -38,8 +39,8 @@ use crate::shard::history::{self, Held, History, Replay};
 use crate::shard::idempotency::Keys;
 use crate::shard::persist::{Deferred, Persist};
 use crate::shard::{
-    AttachCmd, BroadcastOutcome, Command, Delivery, Peer, PublishCmd, Resume, ShardHandle, ShardSnapshot,
-    UserInfo,
+    AttachCmd, BatchAcks, BroadcastOutcome, Command, Delivery, Peer, PublishCmd, Resume, ShardHandle,
+    ShardSnapshot, UserInfo,
 };
 use crate::shared::Shared;
 use tokio::sync::oneshot;
@@ -131,11 +132,17 @@ pub struct ShardCore {
     pass_left: Cell<usize>,
     /// The rest of a batch command a full pass stopped in: applied first in
     /// the next pass, before anything else is taken from the ring.
-    carry: RefCell<Option<std::vec::IntoIter<PublishCmd>>>,
+    carry: RefCell<Option<Carried>>,
     /// The time the current pass began: publishes stamp history entries and
     /// new users with it (one clock read per pass, not per event; TTLs are
     /// coarser than a pass).
     pass_clock: Cell<Instant>,
+}
+
+/// The rest of a batch command a pass stopped in, with the answers it owes.
+struct Carried {
+    events: std::vec::IntoIter<PublishCmd>,
+    acks: Option<BatchAcks>,
 }
 
 impl ShardCore {
@@ -187,12 +194,15 @@ impl ShardCore {
         self.pass_left.set(self.pass_left.get().saturating_sub(1));
         match cmd {
             Command::Shutdown { deadline } => return Some(deadline),
-            Command::Publish(p) => self.publish(p),
+            Command::Publish(mut p) => {
+                let answer = p.reply.take().map_or(Answer::None, Answer::Ack);
+                self.publish(p, answer);
+            }
             Command::PublishBatch(batch) => {
-                self.handle().ring.release(batch.len().saturating_sub(1));
+                self.handle().ring.release(batch.events.len().saturating_sub(1));
                 // Its first event was counted above, as a command.
                 self.pass_left.set(self.pass_left.get() + 1);
-                self.publish_run(batch.into_iter());
+                self.publish_run(Carried { events: batch.events.into_iter(), acks: batch.acks });
             }
             // With `--fsync always` after what came before is durable, as a reply would be.
             Command::Fence(reply) => self.answer_after_sync(Deferred::Reply {
@@ -242,14 +252,20 @@ impl ShardCore {
     }
 
     /// Applies a batch's events in order until the pass is over; the rest
-    /// is carried to the next pass.
-    fn publish_run(&self, mut run: std::vec::IntoIter<PublishCmd>) {
+    /// is carried to the next pass. (The batch's answers are finished when
+    /// it is done: when `run` is dropped.)
+    fn publish_run(&self, mut run: Carried) {
         while self.pass_left.get() > 0 && !self.pass_full.get() {
-            let Some(p) = run.next() else { return };
+            let Some(mut p) = run.events.next() else { return };
             self.pass_left.set(self.pass_left.get() - 1);
-            self.publish(p);
+            let answer = match (p.reply.take(), run.acks.as_mut()) {
+                (Some(ack), _) => Answer::Ack(ack),
+                (None, Some(acks)) => Answer::Batch(acks, p.slot as usize),
+                (None, None) => Answer::None,
+            };
+            self.publish(p, answer);
         }
-        if run.len() > 0 {
+        if run.events.len() > 0 {
             *self.carry.borrow_mut() = Some(run);
         }
     }
@@ -262,7 +278,7 @@ impl ShardCore {
         }
     }
 
-    fn publish(&self, p: PublishCmd) {
+    fn publish(&self, p: PublishCmd, answer: Answer<'_>) {
         let now = self.pass_clock.get();
         let mut users = self.users.borrow_mut();
         let user = users.entry(p.user.clone()).or_insert_with(|| self.new_user(&p.user, now));
@@ -270,7 +286,7 @@ impl ShardCore {
             user.keys.expire(now, self.shared.config.history_ttl);
             if let Some(seq) = user.keys.get(id) {
                 bump(&self.handle().metrics.duplicates, 1);
-                if let Some(reply) = p.reply {
+                if let Some(reply) = answer.detach() {
                     // The first publish may still be waiting for its sync.
                     self.answer_after_sync(Deferred::Reply {
                         reply,
@@ -292,16 +308,14 @@ impl ShardCore {
                 frame,
                 priority: p.event.priority,
                 accepted: p.accepted,
-                reply: p.reply,
+                reply: answer.detach(),
             };
             // A record was just appended, so this is always held.
             let _ = persist.borrow_mut().hold(held);
             return;
         }
         let delivered = self.apply_event(&p.user, user, (seq, seg), frame, p.event.priority, p.accepted, now);
-        if let Some(reply) = p.reply {
-            reply.send(Delivery { seq, delivered, duplicate: false });
-        }
+        answer.send(Delivery { seq, delivered, duplicate: false });
         drop(users);
         self.enforce_budget();
     }

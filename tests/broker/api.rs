@@ -303,3 +303,28 @@ async fn api_key_is_required_when_set() {
     assert!(tokio_tungstenite::connect_async(url).await.is_err());
     b.stop().await;
 }
+
+/// A repeated `id` inside one stream message (one batch command on the
+/// shard) is answered as the duplicate of the first, beside items answered
+/// in place, in one ack with every item in order.
+#[tokio::test]
+async fn a_repeated_id_within_one_stream_message_is_acked_as_a_duplicate() {
+    let b = TestBroker::start();
+    let (mut client, _) = b.connect("dup").await;
+    let mut pubs = stream(&b, "?acks=1").await;
+    let lines = [("a", 1), ("b", 2), ("a", 3), ("c", 4)]
+        .iter()
+        .map(|(id, n)| json!({"user": "dup", "event": "e", "id": id, "data": n}).to_string())
+        .collect::<Vec<_>>();
+    pubs.send(Message::text(lines.join("\n"))).await.unwrap();
+    let ack = next_json(&mut pubs).await;
+    let r = &ack["results"];
+    assert_eq!(
+        (r[0]["seq"].as_u64(), r[1]["seq"].as_u64(), r[3]["seq"].as_u64()),
+        (Some(1), Some(2), Some(3))
+    );
+    assert_eq!((r[2]["seq"].as_u64(), r[2]["duplicate"].as_bool()), (Some(1), Some(true)), "{ack}");
+    let evs = next_events(&mut client, 3).await;
+    assert_eq!(evs.iter().map(|e| e["data"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 4]);
+    b.stop().await;
+}
