@@ -5,9 +5,12 @@
 //! whole block once. One allocation per request instead of one oneshot
 //! channel (and its wake) per event. A fire-and-forget stream, which needs no
 //! result per event, has one slot per shard instead, answered by a fence
-//! command pushed after its events.
+//! command pushed after its events. A batch command (a stream message's
+//! events for one shard) carries one [`BatchAcks`] for all its events
+//! instead of an [`Ack`] each: one counter update and one reference per
+//! batch, each event's slot filled in place.
 //!
-//! An [`Ack`] dropped unanswered (its command was dropped at shutdown)
+//! An [`Ack`] (or [`BatchAcks`]) dropped unanswered (its command was dropped at shutdown)
 //! marks its slot failed, so a waiter never hangs on it, as a dropped
 //! oneshot sender would end its receiver.
 //!

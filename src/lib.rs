@@ -79,7 +79,8 @@
 //! splits into tokio's lock-free owned halves); and the disk engine's syncer
 //! channel (flume), once per reactor pass. Publish results
 //! travel through one [`acks`] block per request (atomics and an
-//! `AtomicWaker`), not a channel per event; a stream without acks waits on
+//! `AtomicWaker`), not a channel per event (a batch command answers all
+//! its events with one counter update); a stream without acks waits on
 //! one fence command per shard instead of an ack per event. In cluster mode the path goes
 //! through the Redis client (redis-rs: its multiplexed connection queues
 //! requests on a tokio mpsc channel, and the Pub/Sub subscriber's requests
