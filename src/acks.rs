@@ -68,7 +68,7 @@ impl Acks {
     /// The answer handle for slot `index` (each index at most once).
     pub fn ack(self: &Arc<Self>, index: usize) -> Ack {
         self.remaining.fetch_add(1, Ordering::Relaxed);
-        Ack { acks: self.clone(), index: short(index), done: false }
+        Ack { acks: self.clone(), index: slot_u32(index), done: false }
     }
 
     /// The answers for `count` slots carried by one batch command: one
@@ -81,13 +81,7 @@ impl Acks {
 
     /// Submission is over: no more acks will be handed out.
     pub fn seal(&self) {
-        self.finish_one();
-    }
-
-    fn finish_one(&self) {
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.waker.wake();
-        }
+        self.finish(1);
     }
 
     /// Resolves once every ack handed out is answered or dropped (after [`Acks::seal`]).
@@ -121,8 +115,7 @@ impl Acks {
 /// The right to answer one event of a request.
 pub struct Ack {
     acks: Arc<Acks>,
-    /// Slots stay under 1,000 items × 1,000 users (a `u32` keeps commands
-    /// small); one past it would only read as failed.
+    /// See [`slot_u32`].
     index: u32,
     done: bool,
 }
@@ -137,6 +130,7 @@ impl Acks {
         }
     }
 
+    /// `n` acks are answered or dropped; the last wakes the waiter.
     fn finish(&self, n: usize) {
         if n > 0 && self.remaining.fetch_sub(n, Ordering::AcqRel) == n {
             self.waker.wake();
@@ -148,12 +142,14 @@ impl Ack {
     pub fn send(mut self, d: Delivery) {
         self.acks.fill(self.index as usize, d);
         self.done = true;
-        self.acks.finish_one();
+        self.acks.finish(1);
     }
 }
 
-/// A slot index as stored in an [`Ack`]; past `u32` it names no slot.
-fn short(index: usize) -> u32 {
+/// A slot index as commands carry it (an [`Ack`]'s, a batch event's):
+/// slots stay under 1,000 items × 1,000 users, and a `u32` keeps commands
+/// small; one past it names no slot, so it would only read as failed.
+pub(crate) fn slot_u32(index: usize) -> u32 {
     u32::try_from(index).unwrap_or(u32::MAX)
 }
 
@@ -177,7 +173,7 @@ impl BatchAcks {
     /// the batch no longer owes it.
     pub fn detach(&mut self, index: usize) -> Ack {
         self.owed = self.owed.saturating_sub(1);
-        Ack { acks: self.acks.clone(), index: short(index), done: false }
+        Ack { acks: self.acks.clone(), index: slot_u32(index), done: false }
     }
 }
 
@@ -219,7 +215,7 @@ impl Drop for BatchAcks {
 impl Drop for Ack {
     fn drop(&mut self) {
         if !self.done {
-            self.acks.finish_one();
+            self.acks.finish(1);
         }
     }
 }

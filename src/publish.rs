@@ -211,9 +211,7 @@ fn commands(
     let mut take_slot = || {
         let slot = *next_slot;
         *next_slot += 1;
-        // Slots stay under 1,000 items × 1,000 users; one past u32 would
-        // only read as failed.
-        let short = u32::try_from(slot).unwrap_or(u32::MAX);
+        let short = crate::acks::slot_u32(slot);
         match answers {
             Answers::None => (None, None, 0),
             Answers::Each(acks) => (Some(slot), Some(acks.ack(slot)), short),

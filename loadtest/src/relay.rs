@@ -312,16 +312,11 @@ impl Relay {
     /// One write per connection given output; what the socket does not
     /// take now goes to the connection's writer task.
     fn flush(&self) {
-        let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
-        for c in &dirty {
+        // A write touches only its connection's buffer, never this list.
+        for c in self.dirty.borrow_mut().drain(..) {
             if !c.flush_now() {
                 c.parked.notify_one();
             }
-        }
-        let mut slot = self.dirty.borrow_mut();
-        if slot.is_empty() {
-            *slot = dirty;
-            slot.clear();
         }
     }
 }

@@ -145,6 +145,16 @@ struct Carried {
     acks: Option<BatchAcks>,
 }
 
+/// Where an event's result goes: its own [`Ack`], else its slot in the
+/// batch carrying it (`batch`), else nowhere.
+fn answer_for<'a>(p: &mut PublishCmd, batch: Option<&'a mut BatchAcks>) -> Answer<'a> {
+    match (p.reply.take(), batch) {
+        (Some(ack), _) => Answer::Ack(ack),
+        (None, Some(acks)) => Answer::Batch(acks, p.slot as usize),
+        (None, None) => Answer::None,
+    }
+}
+
 impl ShardCore {
     fn new(id: usize, shared: Arc<Shared>, persist: Option<Persist>) -> Self {
         ShardCore {
@@ -195,7 +205,7 @@ impl ShardCore {
         match cmd {
             Command::Shutdown { deadline } => return Some(deadline),
             Command::Publish(mut p) => {
-                let answer = p.reply.take().map_or(Answer::None, Answer::Ack);
+                let answer = answer_for(&mut p, None);
                 self.publish(p, answer);
             }
             Command::PublishBatch(batch) => {
@@ -258,11 +268,7 @@ impl ShardCore {
         while self.pass_left.get() > 0 && !self.pass_full.get() {
             let Some(mut p) = run.events.next() else { return };
             self.pass_left.set(self.pass_left.get() - 1);
-            let answer = match (p.reply.take(), run.acks.as_mut()) {
-                (Some(ack), _) => Answer::Ack(ack),
-                (None, Some(acks)) => Answer::Batch(acks, p.slot as usize),
-                (None, None) => Answer::None,
-            };
+            let answer = answer_for(&mut p, run.acks.as_mut());
             self.publish(p, answer);
         }
         if run.events.len() > 0 {
