@@ -706,6 +706,10 @@ mod tests {
             assert!(scan(good.as_bytes()).is_ok(), "scan refuses {good:?}");
         }
         assert!(scan(b"\"\xff\"").is_err(), "invalid UTF-8 in a string");
+        // The refusal says where the input stops being UTF-8.
+        let bad = b"{\"user\":\"caf\xc3\xa9\",\"x\":\"\xe2\x82\"}";
+        let err = scan(bad).err().map(|e| (e.at, e.what));
+        assert_eq!(err, Some((21, "invalid UTF-8")));
     }
 
     /// Below the top object strings are skipped undecoded and plain numbers
