@@ -68,7 +68,7 @@ impl Acks {
     /// The answer handle for slot `index` (each index at most once).
     pub fn ack(self: &Arc<Self>, index: usize) -> Ack {
         self.remaining.fetch_add(1, Ordering::Relaxed);
-        Ack { acks: self.clone(), index: slot_u32(index), done: false }
+        self.handle(index)
     }
 
     /// The answers for `count` slots carried by one batch command: one
@@ -110,17 +110,7 @@ impl Acks {
             duplicate: meta & DUPLICATE != 0,
         })
     }
-}
 
-/// The right to answer one event of a request.
-pub struct Ack {
-    acks: Arc<Acks>,
-    /// See [`slot_u32`].
-    index: u32,
-    done: bool,
-}
-
-impl Acks {
     /// Writes slot `index`'s answer (its ack is finished separately).
     fn fill(&self, index: usize, d: Delivery) {
         if let Some(slot) = self.slots.get(index) {
@@ -136,6 +126,19 @@ impl Acks {
             self.waker.wake();
         }
     }
+
+    /// The handle for slot `index`, already counted in `remaining`.
+    fn handle(self: &Arc<Self>, index: usize) -> Ack {
+        Ack { acks: self.clone(), index: slot_u32(index), done: false }
+    }
+}
+
+/// The right to answer one event of a request.
+pub struct Ack {
+    acks: Arc<Acks>,
+    /// See [`slot_u32`].
+    index: u32,
+    done: bool,
 }
 
 impl Ack {
@@ -173,7 +176,7 @@ impl BatchAcks {
     /// the batch no longer owes it.
     pub fn detach(&mut self, index: usize) -> Ack {
         self.owed = self.owed.saturating_sub(1);
-        Ack { acks: self.acks.clone(), index: slot_u32(index), done: false }
+        self.acks.handle(index)
     }
 }
 

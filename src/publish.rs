@@ -434,6 +434,7 @@ fn submit_all(
 ) -> Vec<Result<Pending, PublishError>> {
     let stamp = Stamp { accepted: Instant::now(), ts_ms: unix_ms() };
     let mut slot = 0;
+    let answers = acks.map_or(Answers::None, Answers::Each);
     // One reservation per shard; a shard that cannot take it all takes nothing.
     let mut permits: Vec<Option<Permit<'_, Command>>> = counts
         .iter()
@@ -447,7 +448,6 @@ fn submit_all(
             if shards.as_slice().iter().any(|&s| permits[s].is_none()) {
                 return Err(PublishError::Overloaded);
             }
-            let answers = acks.map_or(Answers::None, Answers::Each);
             Ok(commands(req, &shards, &stamp, answers, &mut slot, |s, cmd| {
                 if let Some(p) = permits[s].as_mut() {
                     p.push(Command::Publish(cmd));
