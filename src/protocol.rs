@@ -28,10 +28,13 @@ pub const MAX_EVENT_NAME_LEN: usize = 64;
 
 /// A validated user ID: 1–128 bytes of `[A-Za-z0-9._:@-]`.
 ///
-/// Cheap to clone (`Arc<str>`): the shard's user map, every connection of the
-/// user and every in-flight command for the user share one allocation.
+/// Cheap to clone, and free to make when short: an ID of up to 23 bytes (the
+/// common case) is stored inline (`SmolStr`), so parsing one per published
+/// event allocates nothing and a clone (the user map's key, a budget entry,
+/// a command) is a copy, not an atomic reference count; a longer one shares
+/// one `Arc<str>` allocation between its clones.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct UserId(Arc<str>);
+pub struct UserId(smol_str::SmolStr);
 
 impl UserId {
     /// Validates `raw` as a user ID.
@@ -42,7 +45,7 @@ impl UserId {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'));
         if ok {
-            Ok(UserId(Arc::from(raw)))
+            Ok(UserId(smol_str::SmolStr::new(raw)))
         } else {
             Err(InvalidInput::new("invalid_user", "user IDs are 1-128 bytes of [A-Za-z0-9._:@-]"))
         }
@@ -481,6 +484,27 @@ mod tests {
         assert!(UserId::parse("").is_err());
         assert!(UserId::parse("a b").is_err());
         assert!(UserId::parse("é").is_err());
+    }
+
+    #[test]
+    fn user_ids_are_the_same_key_stored_inline_or_shared() {
+        use std::collections::HashMap;
+        // Up to 23 bytes an ID is stored inline, past that in an `Arc`:
+        // both must compare, hash and print as the text they came from.
+        let lens = [1, 22, 23, 24, 25, 128];
+        let mut map = HashMap::new();
+        for len in lens {
+            let text = "k".repeat(len - 1) + "z";
+            let id = UserId::parse(&text).expect("valid");
+            assert_eq!(id.as_str(), text);
+            assert_eq!(id.clone(), id);
+            map.insert(id, len);
+        }
+        for len in lens {
+            let again = UserId::parse(&("k".repeat(len - 1) + "z")).expect("valid");
+            assert_eq!(map.get(&again), Some(&len));
+        }
+        assert_eq!(map.len(), lens.len());
     }
 
     #[test]
