@@ -19,7 +19,7 @@ use thiserror::Error;
 
 use crate::jsonscan;
 use crate::redact::Redactor;
-use crate::wsframe;
+use crate::wsframe::{self, Frame};
 
 /// Longest user ID accepted, in bytes (contract §3).
 pub const MAX_USER_ID_LEN: usize = 128;
@@ -385,7 +385,7 @@ pub fn event_tail(ev: &PreparedEvent, ts_ms: u64) -> Vec<u8> {
 ///
 /// One allocation, sized exactly; the result is shared by all of the user's
 /// connections and by the user's history.
-pub fn encode_event_frame(seq: u64, ev: &PreparedEvent, ts_ms: u64) -> Bytes {
+pub fn encode_event_frame(seq: u64, ev: &PreparedEvent, ts_ms: u64) -> Frame {
     let mut seq_buf = itoa::Buffer::new();
     let mut ts_buf = itoa::Buffer::new();
     let parts: [&[u8]; 5] = [
@@ -396,12 +396,13 @@ pub fn encode_event_frame(seq: u64, ev: &PreparedEvent, ts_ms: u64) -> Bytes {
         b"}",
     ];
     let len: usize = parts.iter().map(|p| p.len()).sum();
-    let mut out = Vec::with_capacity(len + wsframe::MAX_HEADER_LEN);
-    wsframe::put_header(&mut out, wsframe::OP_TEXT, len);
-    for p in parts {
-        out.extend_from_slice(p);
-    }
-    Bytes::from(out)
+    wsframe::build(|out| {
+        out.reserve(len + wsframe::MAX_HEADER_LEN);
+        wsframe::put_header(out, wsframe::OP_TEXT, len);
+        for p in parts {
+            out.extend_from_slice(p);
+        }
+    })
 }
 
 /// The `welcome` frame a connection receives first.
@@ -415,7 +416,7 @@ pub struct Welcome<'a> {
 }
 
 /// Encodes the `welcome` frame, WebSocket header included.
-pub fn encode_welcome(w: &Welcome<'_>) -> Bytes {
+pub fn encode_welcome(w: &Welcome<'_>) -> Frame {
     wsframe::text_frame(welcome_json(w).as_bytes())
 }
 
@@ -436,13 +437,13 @@ pub fn welcome_json(w: &Welcome<'_>) -> String {
 }
 
 /// Encodes a `pong` answer to an application-level ping.
-pub fn encode_pong(id: &serde_json::Value) -> Bytes {
+pub fn encode_pong(id: &serde_json::Value) -> Frame {
     let v = serde_json::json!({"type": "pong", "id": id});
     wsframe::text_frame(v.to_string().as_bytes())
 }
 
 /// Encodes an `error` frame sent to a client that sent something we do not accept.
-pub fn encode_client_error(code: &str, message: &str) -> Bytes {
+pub fn encode_client_error(code: &str, message: &str) -> Frame {
     let v = serde_json::json!({"type": "error", "code": code, "message": message});
     wsframe::text_frame(v.to_string().as_bytes())
 }

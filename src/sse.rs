@@ -11,7 +11,7 @@
 
 use bytes::Bytes;
 
-use crate::wsframe;
+use crate::wsframe::{self, Frame};
 
 /// A comment line: keeps proxies from closing a quiet stream.
 pub const PING: &[u8] = b": ping\n\n";
@@ -38,13 +38,16 @@ pub fn head(allow_origin: Option<&str>) -> Bytes {
 }
 
 /// A message with an `event:` name and one `data:` line of JSON.
-pub fn message(event: &str, json: &[u8]) -> Bytes {
+pub fn message(event: &str, json: &[u8]) -> Frame {
     encode(None, event, json)
 }
 
 /// One message: `id: <epoch>:<seq>` (if given), `event:`, `data:`.
-fn encode(id: Option<(&str, u64)>, event: &str, json: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(json.len() + event.len() + 48);
+fn encode(id: Option<(&str, u64)>, event: &str, json: &[u8]) -> Frame {
+    wsframe::build(|out| put_message(out, id, event, json))
+}
+
+fn put_message(out: &mut Vec<u8>, id: Option<(&str, u64)>, event: &str, json: &[u8]) {
     if let Some((epoch, seq)) = id {
         out.extend_from_slice(b"id: ");
         out.extend_from_slice(epoch.as_bytes());
@@ -57,19 +60,18 @@ fn encode(id: Option<(&str, u64)>, event: &str, json: &[u8]) -> Bytes {
     out.extend_from_slice(b"\ndata: ");
     out.extend_from_slice(json);
     out.extend_from_slice(b"\n\n");
-    Bytes::from(out)
 }
 
 /// The last message of a stream the broker ends (eviction, deletion, slow
 /// consumer, shutdown): `event: close` with the code a WebSocket would get.
-pub fn close(code: u16, reason: &str) -> Bytes {
+pub fn close(code: u16, reason: &str) -> Frame {
     let json = serde_json::json!({"type": "close", "code": code, "reason": reason}).to_string();
     message("close", json.as_bytes())
 }
 
 /// The SSE message of an event, from its WebSocket frame:
 /// `id: <epoch>:<seq>`, `event: <name>`, `data: <the frame's JSON>`.
-pub fn event(epoch: &str, seq: u64, ws_frame: &[u8]) -> Bytes {
+pub fn event(epoch: &str, seq: u64, ws_frame: &[u8]) -> Frame {
     let json = wsframe::payload(ws_frame);
     encode(Some((epoch, seq)), event_name(json).unwrap_or("event"), json)
 }

@@ -4,8 +4,49 @@
 //! Server frames are never masked, so one encoded frame is valid for every
 //! connection: that is what lets an event be encoded once and shared.
 //! Reading client frames is left to fastwebsockets.
+//!
+//! A frame the shard queues and keeps is a [`Frame`]: one allocation with a
+//! non-atomic count, built in a reused thread-local buffer ([`build`]).
 
-use bytes::Bytes;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+/// A complete encoded frame as a shard holds it: shared by a user's history
+/// and every connection it is queued on, and never leaving the shard's
+/// thread — so its count need not be atomic, and count and bytes share one
+/// allocation (a shared `Bytes` costs two allocations and an atomic count).
+pub type Frame = Rc<[u8]>;
+
+thread_local! {
+    /// Where frames are assembled before they get their exact-size allocation.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Most a frame may leave of [`SCRATCH`]'s capacity behind for reuse: an
+/// occasional large frame does not pin its size on the thread.
+const SCRATCH_KEEP: usize = 64 << 10;
+
+/// A frame of exactly the bytes `fill` appends, assembled in a reused
+/// thread-local buffer and copied once into its own allocation.
+pub fn build(fill: impl FnOnce(&mut Vec<u8>)) -> Frame {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut buf) => {
+            buf.clear();
+            fill(&mut buf);
+            let frame = Frame::from(&buf[..]);
+            if buf.capacity() > SCRATCH_KEEP {
+                *buf = Vec::new();
+            }
+            frame
+        }
+        // Only if `fill` itself builds a frame (none does): use a buffer of its own.
+        Err(_) => {
+            let mut buf = Vec::new();
+            fill(&mut buf);
+            Frame::from(buf)
+        }
+    })
+}
 
 /// Longest header a server frame can have (2 + 8 byte extended length).
 pub const MAX_HEADER_LEN: usize = 10;
@@ -37,10 +78,8 @@ pub fn put_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
 }
 
 /// A complete frame with `opcode` and `payload`.
-pub fn frame(opcode: u8, payload: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(payload.len() + MAX_HEADER_LEN);
-    put_frame(&mut out, opcode, payload);
-    Bytes::from(out)
+pub fn frame(opcode: u8, payload: &[u8]) -> Frame {
+    build(|out| put_frame(out, opcode, payload))
 }
 
 /// The payload of a complete server frame (unmasked, as we encode them).
@@ -55,7 +94,7 @@ pub fn payload(frame: &[u8]) -> &[u8] {
 }
 
 /// A complete text frame.
-pub fn text_frame(payload: &[u8]) -> Bytes {
+pub fn text_frame(payload: &[u8]) -> Frame {
     frame(OP_TEXT, payload)
 }
 
@@ -72,10 +111,8 @@ pub fn put_close(out: &mut Vec<u8>, code: u16, reason: &str) {
 }
 
 /// A close frame with `code` and a UTF-8 `reason` (truncated to fit 125 bytes).
-pub fn close_frame(code: u16, reason: &str) -> Bytes {
-    let mut out = Vec::with_capacity(2 + 125);
-    put_close(&mut out, code, reason);
-    Bytes::from(out)
+pub fn close_frame(code: u16, reason: &str) -> Frame {
+    build(|out| put_close(out, code, reason))
 }
 
 #[cfg(test)]
@@ -90,6 +127,22 @@ mod tests {
             assert_eq!(v.len(), hdr, "len {len}");
             assert_eq!(v[0], 0x81);
         }
+    }
+
+    #[test]
+    fn built_frames_are_exactly_what_was_appended() {
+        let big = vec![7u8; SCRATCH_KEEP + 1];
+        let long = text_frame(&big);
+        assert_eq!(long.len(), 10 + big.len());
+        assert_eq!(payload(&long), &big[..]);
+        // The scratch buffer is reused (cleared) after a large frame.
+        let short = text_frame(b"hi");
+        assert_eq!(&short[..], b"\x81\x02hi");
+        let nested = build(|out| {
+            out.extend_from_slice(b"a");
+            out.extend_from_slice(&text_frame(b"b"));
+        });
+        assert_eq!(&nested[..], b"a\x81\x01b");
     }
 
     #[test]

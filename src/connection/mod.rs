@@ -32,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::task::AbortHandle;
 
 use crate::protocol::{self, ClientMessage, Priority, UserId};
-use crate::wsframe;
+use crate::wsframe::{self, Frame as Wire};
 pub use queue::{Enqueued, Limits, OutQueue, Outbound};
 pub use transport::{HandedSocket, ReadSide, WriteSide};
 
@@ -54,9 +54,9 @@ const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub enum CloseMode {
     /// Drop queued events, write this close frame (if any), then end.
-    Now(Option<Bytes>),
+    Now(Option<Wire>),
     /// Write queued frames first, then the close frame; give up at the deadline.
-    AfterFlush(Bytes, Instant),
+    AfterFlush(Wire, Instant),
 }
 
 /// What is on the other end of a connection.
@@ -192,7 +192,7 @@ impl Conn {
     }
 
     /// Queues a control frame; a client that lets too many pile up is closed (1008).
-    pub fn push_control(&self, frame: Bytes) {
+    pub fn push_control(&self, frame: Wire) {
         if self.is_closing() {
             return;
         }
@@ -205,7 +205,7 @@ impl Conn {
     }
 
     /// The last frame this connection's transport sends when closing with `code`.
-    fn close_frame(&self, code: u16, reason: &str) -> Bytes {
+    fn close_frame(&self, code: u16, reason: &str) -> Wire {
         if self.sse {
             crate::sse::close(code, reason)
         } else {
@@ -214,11 +214,11 @@ impl Conn {
     }
 
     /// A keep-alive for this connection's transport (WebSocket ping, SSE comment).
-    pub fn ping_frame(&self) -> Bytes {
+    pub fn ping_frame(&self) -> Wire {
         if self.sse {
-            Bytes::from_static(crate::sse::PING)
+            Wire::from(crate::sse::PING)
         } else {
-            Bytes::from_static(&[0x80 | wsframe::OP_PING, 0])
+            Wire::from(&[0x80 | wsframe::OP_PING, 0][..])
         }
     }
 
@@ -277,7 +277,7 @@ pub trait Owner {
 /// What the writer should do next.
 enum Step {
     Write,
-    Close(Option<Bytes>),
+    Close(Option<Wire>),
 }
 
 /// The writer task: writes the `101` response (`greeting`) first, whatever
@@ -286,7 +286,8 @@ pub async fn run_writer<O: Owner>(core: Rc<O>, conn: Rc<Conn>, mut sock: WriteSi
     // Grows to the largest batch this connection has needed (idle ones stay tiny).
     let mut batch: Vec<Outbound> = Vec::new();
     // The greeting rides in the first batch (with `welcome`, in one write).
-    let mut greeting = Some(Outbound { frame: greeting, accepted: None, priority: Priority::High });
+    let mut greeting =
+        Some(Outbound { frame: Wire::from(&greeting[..]), accepted: None, priority: Priority::High });
     loop {
         batch.clear();
         // Whether this batch starts with the greeting (only the first does).
@@ -387,7 +388,7 @@ enum WriteFailed {
     /// of a frame that was partly written (it must go out before the close
     /// frame, or the client would see a torn frame).
     /// `untouched`: not a byte of the batch was written.
-    Aborted { rest: Option<Bytes>, untouched: bool },
+    Aborted { rest: Option<Wire>, untouched: bool },
 }
 
 /// Writes every frame in `batch`, using as few vectored writes as the kernel
@@ -400,7 +401,7 @@ async fn write_batch(conn: &Conn, sock: &mut WriteSide, batch: &[Outbound]) -> R
     while idx < batch.len() {
         let n = std::future::poll_fn(|cx| {
             if matches!(&*conn.closing.borrow(), Some(CloseMode::Now(_))) {
-                let rest = (off > 0).then(|| batch[idx].frame.slice(off..));
+                let rest = (off > 0).then(|| Wire::from(&batch[idx].frame[off..]));
                 return Poll::Ready(Err(WriteFailed::Aborted { rest, untouched: idx == 0 && off == 0 }));
             }
             match sock.poll_write_frames(cx, &batch[idx..], off) {
@@ -523,7 +524,7 @@ pub async fn run_reader(conn: Rc<Conn>, mut read: ReadSide, mut leftover: Bytes)
             let obligated = conn.clone();
             let mut send = move |mut frame: Frame<'_>| {
                 let mut buf = Vec::with_capacity(frame.payload.len() + wsframe::MAX_HEADER_LEN);
-                let bytes = Bytes::copy_from_slice(frame.write(&mut buf));
+                let bytes = Wire::from(frame.write(&mut buf));
                 if frame.opcode == OpCode::Close && frame.payload.len() > MAX_CONTROL_PAYLOAD {
                     // fastwebsockets would echo it; RFC 6455 §5.5 makes it a protocol error.
                     obligated.close_now(1002, "control frame over 125 bytes");

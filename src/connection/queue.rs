@@ -19,9 +19,8 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use bytes::Bytes;
-
 use crate::protocol::Priority;
+use crate::wsframe::Frame;
 
 /// Control frames (handshake, welcome, pongs, errors, pings) a connection may
 /// have waiting. A client that floods requests without reading our answers
@@ -32,7 +31,7 @@ pub const MAX_CONTROL: usize = 256;
 #[derive(Debug, Clone)]
 pub struct Outbound {
     /// The complete frame bytes (shared across connections for events).
-    pub frame: Bytes,
+    pub frame: Frame,
     /// When the publish was accepted; `None` for control frames.
     pub accepted: Option<Instant>,
     pub priority: Priority,
@@ -79,7 +78,7 @@ struct Lane {
 
 #[derive(Debug)]
 pub struct OutQueue {
-    control: VecDeque<Bytes>,
+    control: VecDeque<Frame>,
     control_bytes: usize,
     lanes: [Lane; 3],
     events: usize,
@@ -122,7 +121,7 @@ impl OutQueue {
     }
 
     /// Queues a control frame; `false` when the control lane is full.
-    pub fn push_control(&mut self, frame: Bytes) -> bool {
+    pub fn push_control(&mut self, frame: Frame) -> bool {
         if self.control.len() >= MAX_CONTROL || self.control_bytes + frame.len() > self.limits.control_bytes {
             return false;
         }
@@ -229,7 +228,7 @@ mod tests {
     use super::*;
 
     fn ev(tag: u8, p: Priority) -> Outbound {
-        Outbound { frame: Bytes::from(vec![tag]), accepted: None, priority: p }
+        Outbound { frame: Frame::from(vec![tag]), accepted: None, priority: p }
     }
 
     fn q(max_frames: usize) -> OutQueue {
@@ -257,7 +256,7 @@ mod tests {
         q.push_event(ev(2, Priority::Low));
         q.push_event(ev(3, Priority::Normal));
         q.push_event(ev(4, Priority::High));
-        q.push_control(Bytes::from_static(&[0]));
+        q.push_control(Frame::from(&[0u8][..]));
         assert_eq!(drain(&mut q), vec![0, 4, 1, 3, 2]);
         assert!(q.is_empty());
     }
@@ -300,12 +299,12 @@ mod tests {
     #[test]
     fn byte_limit_sheds_lower_lanes_and_counts_control_frames() {
         let ev = |tag: u8, len: usize, p| Outbound {
-            frame: Bytes::from(vec![tag; len]),
+            frame: Frame::from(vec![tag; len]),
             accepted: None,
             priority: p,
         };
         let mut q = OutQueue::new(Limits { max_frames: 100, max_bytes: 100, control_bytes: 50 });
-        assert!(q.push_control(Bytes::from(vec![0; 20])));
+        assert!(q.push_control(Frame::from(vec![0; 20])));
         assert_eq!(q.push_event(ev(1, 30, Priority::Low)), QUEUED);
         assert_eq!(q.push_event(ev(2, 30, Priority::Low)), QUEUED);
         // 80 queued: a 40-byte normal sheds both lows (30 at a time) to fit.
@@ -317,7 +316,7 @@ mod tests {
         assert_eq!(q.push_event(ev(5, 90, Priority::High)), Enqueued::Overflow);
         assert_eq!(q.bytes(), 90);
         // The control lane has its own byte bound.
-        assert!(!q.push_control(Bytes::from(vec![0; 31])));
+        assert!(!q.push_control(Frame::from(vec![0; 31])));
         assert_eq!(drain(&mut q), vec![0, 3, 2]);
         assert_eq!(q.bytes(), 0);
     }
@@ -326,8 +325,8 @@ mod tests {
     fn control_lane_is_bounded() {
         let mut q = q(1);
         for _ in 0..MAX_CONTROL {
-            assert!(q.push_control(Bytes::new()));
+            assert!(q.push_control(Frame::from(&[][..])));
         }
-        assert!(!q.push_control(Bytes::new()));
+        assert!(!q.push_control(Frame::from(&[][..])));
     }
 }

@@ -3,7 +3,7 @@
 //! resume.
 //!
 //! Frames are the same refcounted buffers the connections were sent, so a
-//! held event costs one `Bytes` handle plus its share of the buffer. The
+//! held event costs one [`Frame`] handle plus its share of the buffer. The
 //! byte count of a held event is its frame plus the bookkeeping around it
 //! ([`HELD_OVERHEAD`]); the shard sums these into its share of
 //! `--history-memory` ([`super::budget`]).
@@ -14,9 +14,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
 use crate::protocol::Priority;
+use crate::wsframe::Frame;
 
 /// Bytes a held event costs beyond its frame: the `Held` slot itself plus
 /// the shard's eviction-order entry and the buffer's refcount header.
@@ -26,7 +25,7 @@ pub const HELD_OVERHEAD: usize = std::mem::size_of::<Held>() + 64;
 #[derive(Debug, Clone)]
 pub struct Held {
     pub seq: u64,
-    pub frame: Bytes,
+    pub frame: Frame,
     pub priority: Priority,
     pub at: Instant,
     /// With `--data-dir`: the log segment holding this event's record (0 otherwise).
@@ -154,7 +153,7 @@ mod tests {
     use super::*;
 
     fn held(seq: u64, at: Instant) -> Held {
-        Held { seq, frame: Bytes::new(), priority: Priority::Normal, at, seg: 0 }
+        Held { seq, frame: Frame::from(&[][..]), priority: Priority::Normal, at, seg: 0 }
     }
 
     const ROOMY: usize = usize::MAX / 2;
@@ -183,7 +182,7 @@ mod tests {
         let now = Instant::now();
         let mut h = History::default();
         let ev =
-            |seq| Held { seq, frame: Bytes::from(vec![0u8; 100]), priority: Priority::Low, at: now, seg: 0 };
+            |seq| Held { seq, frame: Frame::from(vec![0u8; 100]), priority: Priority::Low, at: now, seg: 0 };
         let limits = Limits { events: 1000, bytes: 3 * (100 + HELD_OVERHEAD) };
         for s in 1..=10 {
             h.push(ev(s), limits);
@@ -194,7 +193,7 @@ mod tests {
         // An event over the byte limit on its own empties the history
         // (keeping older ones would leave a hole before the latest seq).
         h.push(
-            Held { seq: 11, frame: Bytes::from(vec![0u8; 10_000]), priority: Priority::Low, at: now, seg: 0 },
+            Held { seq: 11, frame: Frame::from(vec![0u8; 10_000]), priority: Priority::Low, at: now, seg: 0 },
             limits,
         );
         assert!(h.is_empty());

@@ -12,7 +12,6 @@ use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::time::Instant;
 
-use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::config::Fsync;
@@ -20,6 +19,7 @@ use crate::engine::log::{Log, Record, Recovered, SyncPolicy};
 use crate::engine::records::{self, Entry};
 use crate::protocol::Priority;
 use crate::shard::{BroadcastOutcome, Delivery};
+use crate::wsframe::Frame;
 
 /// Work waiting for its batch to be durable.
 pub enum Deferred {
@@ -29,7 +29,7 @@ pub enum Deferred {
         seq: u64,
         /// The log segment its record is in.
         seg: u64,
-        frame: Bytes,
+        frame: Frame,
         priority: Priority,
         accepted: Instant,
         reply: Option<crate::acks::Ack>,
@@ -49,7 +49,7 @@ pub struct RestoredUser {
     pub last_ms: u64,
     /// seq → `(publish unix ms, priority, frame)`; records moved forward
     /// from a reclaimed segment come later in the log than newer events.
-    pub events: std::collections::BTreeMap<u64, (u64, Priority, Bytes)>,
+    pub events: std::collections::BTreeMap<u64, (u64, Priority, Frame)>,
     /// Idempotency keys: id → `(seq, accepted unix ms)`.
     pub keys: HashMap<String, (u64, u64)>,
 }
@@ -167,7 +167,7 @@ pub fn replay(records: &[Record]) -> (HashMap<String, RestoredUser>, usize) {
                 if let Some(id) = id {
                     u.keys.insert(id, (seq, at_ms));
                 }
-                u.events.insert(seq, (at_ms, priority, Bytes::from(frame)));
+                u.events.insert(seq, (at_ms, priority, Frame::from(frame)));
             }
             Some(Entry::Key { user, id, seq, at_ms }) => {
                 let u = users.entry(user).or_default();

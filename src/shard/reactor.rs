@@ -3,7 +3,7 @@
 //! connection list) and the connection slab.
 //!
 //! Data path on the shard: pop `Publish` → bump the user's seq → encode the
-//! frame once → append it to the history → offer the same `Bytes` to each of
+//! frame once → append it to the history → offer the same [`Frame`] to each of
 //! the user's connections (slow-consumer policy applies per connection) →
 //! wake their writers. Commands are applied in ring order, which is what
 //! keeps a user's events in order and makes resume gap-free: an attach is
@@ -43,6 +43,7 @@ use crate::shard::{
     ShardSnapshot, UserInfo,
 };
 use crate::shared::Shared;
+use crate::wsframe::Frame;
 use tokio::sync::oneshot;
 
 mod remote;
@@ -466,7 +467,7 @@ impl ShardCore {
         ts_ms: u64,
         id: Option<&str>,
         now: Instant,
-    ) -> (u64, bytes::Bytes, u64) {
+    ) -> (u64, Frame, u64) {
         user.seq += 1;
         user.touched = now;
         let frame = protocol::encode_event_frame(user.seq, ev, ts_ms);
@@ -485,7 +486,7 @@ impl ShardCore {
         user_id: &UserId,
         user: &mut UserState,
         (seq, seg): (u64, u64),
-        mut frame: bytes::Bytes,
+        frame: Frame,
         priority: Priority,
         accepted: Instant,
         now: Instant,
@@ -497,19 +498,12 @@ impl ShardCore {
         let conns = self.conns.borrow();
         let mut delivered = 0;
         // Encoded once per transport that needs it, not once per connection.
-        let mut sse_frame: Option<bytes::Bytes> = None;
-        // The last connection takes the frame itself (leaving an empty,
-        // static one behind): a user's only connection (the common case)
-        // costs no reference count.
-        let last = user.conns.len().saturating_sub(1);
-        for (i, &key) in user.conns.iter().enumerate() {
+        let mut sse_frame: Option<Frame> = None;
+        for &key in &user.conns {
             let Some(conn) = conns.get(key).filter(|c| !c.pending.get()) else { continue };
-            let wire = match (conn.sse, i == last) {
-                (true, _) => {
-                    sse_frame.get_or_insert_with(|| crate::sse::event(&user.epoch, seq, &frame)).clone()
-                }
-                (false, false) => frame.clone(),
-                (false, true) => std::mem::take(&mut frame),
+            let wire = match conn.sse {
+                true => sse_frame.get_or_insert_with(|| crate::sse::event(&user.epoch, seq, &frame)).clone(),
+                false => frame.clone(),
             };
             let out = Outbound { frame: wire, accepted: Some(accepted), priority };
             match conn.push_event(out) {
