@@ -491,10 +491,23 @@ impl ShardCore {
         accepted: Instant,
         now: Instant,
     ) -> u32 {
-        let m = &self.handle().metrics;
         user.applied = seq;
         self.store_in_history(user_id, user, Held { seq, frame: frame.clone(), priority, at: now, seg });
-        bump(&m.published, 1);
+        bump(&self.handle().metrics.published, 1);
+        self.fan_out(user, seq, &frame, priority, accepted)
+    }
+
+    /// Queues a user's event to each of its live (non-pending) connections.
+    /// Returns the number it was queued to.
+    fn fan_out(
+        &self,
+        user: &UserState,
+        seq: u64,
+        frame: &Frame,
+        priority: Priority,
+        accepted: Instant,
+    ) -> u32 {
+        let m = &self.handle().metrics;
         let conns = self.conns.borrow();
         let mut delivered = 0;
         // Encoded once per transport that needs it, not once per connection.
@@ -502,7 +515,7 @@ impl ShardCore {
         for &key in &user.conns {
             let Some(conn) = conns.get(key).filter(|c| !c.pending.get()) else { continue };
             let wire = match conn.sse {
-                true => sse_frame.get_or_insert_with(|| crate::sse::event(&user.epoch, seq, &frame)).clone(),
+                true => sse_frame.get_or_insert_with(|| crate::sse::event(&user.epoch, seq, frame)).clone(),
                 false => frame.clone(),
             };
             let out = Outbound { frame: wire, accepted: Some(accepted), priority };

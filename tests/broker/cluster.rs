@@ -582,6 +582,46 @@ async fn a_node_that_loses_its_pubsub_connection_fills_the_gap_from_history_with
     }
 }
 
+/// Appends an event to a user's history in Redis the way the publish
+/// script does, but without its Pub/Sub message (as if that were lost).
+async fn append_silently(redis: &Redis, user: &str, i: u64) -> u64 {
+    let meta = format!("sy:{{{user}}}:m");
+    let stream = format!("sy:{{{user}}}:s");
+    let reply = redis.cmd(&["HINCRBY", &meta, "s", "1"]).await;
+    let seq: u64 = reply.trim().trim_start_matches(':').parse().expect("HINCRBY answers a number");
+    let body = format!(r#"{{"type":"event","seq":{seq},"event":"lost","data":{{"i":{i}}},"ts":0}}"#);
+    let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros();
+    let id = format!("{seq}-0");
+    let r = redis.cmd(&["XADD", &stream, &id, "p", "normal", "t", &at.to_string(), "b", &body]).await;
+    assert!(r.starts_with('$'), "XADD: {r}");
+    seq
+}
+
+/// A live connection must get the events a gap read finds, not only have
+/// them stored: found by `scripts/cluster-smoke` under churn, where a
+/// connection's read of the stream could overtake the Pub/Sub messages of
+/// the same events, which were then dropped as already applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_a_gap_read_finds_reach_the_users_live_connections_in_order() {
+    let (redis, a, b) = redis_and_two_nodes().await;
+    let (mut ws, _) = seeded(&a, &b, "ola", 2).await;
+    let (mut other, _) = a.connect("user=ola").await;
+    assert_eq!(append_silently(&redis, "ola", 3).await, 3);
+    assert_eq!(append_silently(&redis, "ola", 4).await, 4);
+    // Seq 5's message is ahead of what node a applied: a gap, read from Redis.
+    assert_eq!(b.publish_ok("ola", 5).await["seq"], 5);
+    for conn in [&mut ws, &mut other] {
+        let evs = next_events(conn, 3).await;
+        assert_eq!(seqs(&evs), vec![3, 4, 5], "in order, none missing");
+        assert_eq!(data_i(&evs), vec![3, 4, 5]);
+    }
+    // Live again, nothing twice.
+    b.publish_ok("ola", 6).await;
+    assert_eq!(seqs(&next_events(&mut ws, 1).await), vec![6]);
+    let (_, st) = a.request("GET", "/v1/stats", Value::Null).await;
+    assert_eq!(st["cluster"]["resync_closed"], 0, "nobody was closed: {st}");
+}
+
 /// `rediss://`: nodes reach Redis on its TLS port and verify its
 /// certificate against the trust store (here `SSL_CERT_FILE` names the
 /// test's self-signed certificate, as a deployment would name its CA).

@@ -195,6 +195,9 @@ impl ShardCore {
         // live connections cannot get past, so they are closed to resume.
         let covers = user.applied == 0 && user.history.is_empty() || first_fetched <= local_first;
         let hole = !covers && first_fetched > user.applied + 1;
+        // What the live connections have had (none are left after a new
+        // epoch or a hole: they are closed).
+        let live_had = (!fresh && !hole).then_some(user.applied);
         if hole {
             self.close_live(user, "missed events are no longer in history; resume");
         }
@@ -219,6 +222,20 @@ impl ShardCore {
         user.applied = user.applied.max(s.seq);
         user.seq = user.applied;
         user.touched = now;
+        if let Some(had) = live_had {
+            self.deliver_read(user, had);
+        }
+    }
+
+    /// Delivers to the live connections what a read added past `had`: a gap
+    /// fill, or events a connection's read found before their Pub/Sub
+    /// messages came (those are then dropped as already applied).
+    fn deliver_read(&self, user: &UserState, had: u64) {
+        for seq in had + 1..=user.applied {
+            if let Some(h) = user.history.get_seq(seq) {
+                self.fan_out(user, seq, &h.frame, h.priority, h.at);
+            }
+        }
     }
 
     /// Closes the user's connections that have had their `welcome` (1012).
