@@ -60,6 +60,16 @@ impl ConnCheck {
         self.lane_nonce = [None; LANES];
     }
 
+    /// Where a connection's missing seqs are (for the report of a failed
+    /// run): the contiguous floor and the first seqs that arrived above it.
+    pub fn gaps(&self) -> String {
+        let above: Vec<u64> = self.above.iter().take(8).copied().collect();
+        format!(
+            "received {}, every seq to {} (or before it connected), then {above:?}",
+            self.received, self.floor
+        )
+    }
+
     /// Checks one received event. `lane` is 0 high, 1 normal, 2 low, plus
     /// 3 × the publishing source when several sources have no order between
     /// them (concurrent broadcasters); lanes past [`LANES`] share the last.

@@ -295,8 +295,14 @@ async fn run(common: Common, plan: Plan, publishing: tokio::runtime::Handle) -> 
     progress.abort();
 
     let mut totals = Totals::default();
+    let mut short_conns = 0;
     for (i, t) in conn_tasks.into_iter().enumerate() {
         let check = t.await?;
+        if check.received < owed(i) && short_conns < 10 {
+            short_conns += 1;
+            let user = shared::user_name(i % common.users);
+            eprintln!("connection {i} (user {user}, sent {}) is short: {}", owed(i), check.gaps());
+        }
         totals.add(&check, owed(i));
     }
     totals.sent = run.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum::<u64>()
