@@ -86,8 +86,10 @@ impl ShardCore {
         let conn = self.register(user_id.clone(), kind);
         conn.pending.set(true);
         user.conns.push(conn.key);
-        // Read from the earliest seq this connection or the local copy needs.
-        let local_next = matches!(user.sync, SyncState::Ready).then_some(user.applied + 1);
+        // Read from the earliest seq this connection or the local copy needs
+        // — also while a gap read is in flight: a read of the seq alone would
+        // look like a hole past what the live connections have, and close them.
+        let local_next = (user.applied > 0).then_some(user.applied + 1);
         let resume_next = resume.as_ref().map(|r| r.since + 1);
         let from = match (local_next, resume_next) {
             (Some(a), Some(b)) => a.min(b),
