@@ -18,6 +18,7 @@
 use std::collections::VecDeque;
 
 use crate::protocol::UserId;
+use crate::shard::history::Front;
 
 /// One stored event, by owner.
 #[derive(Debug, Clone)]
@@ -26,6 +27,16 @@ pub struct Stored {
     /// Which state of the user (a user dropped and recreated starts at seq 1 again).
     pub incarnation: u64,
     pub seq: u64,
+    /// The owning history's oldest seq: whether this entry is live is read
+    /// here, so a compaction looks no user up.
+    pub front: Front,
+}
+
+impl Stored {
+    /// Whether its event is still held.
+    pub fn is_live(&self) -> bool {
+        self.front.holds(self.seq)
+    }
 }
 
 #[derive(Debug)]
@@ -98,7 +109,7 @@ impl Budget {
     /// slack), keeping the order's memory proportional to what is held.
     /// One step of it: a compaction starts once stale entries may outnumber
     /// live ones and checks [`COMPACT_STEP`] entries per call.
-    pub fn compact(&mut self, is_live: impl Fn(&Stored) -> bool) {
+    pub fn compact(&mut self) {
         if self.unswept == 0 {
             if self.entries() <= 2 * self.events + 1024 {
                 return;
@@ -107,7 +118,7 @@ impl Budget {
         }
         let step = self.unswept.min(COMPACT_STEP);
         for s in self.order.drain(..step) {
-            if is_live(&s) {
+            if s.is_live() {
                 self.swept.push_back(s);
             }
         }
@@ -141,12 +152,13 @@ mod tests {
     fn compaction_keeps_live_entries_in_order() {
         let mut b = Budget::new(0);
         let u = UserId::parse("u").unwrap();
+        let front = Front::fixed(Some(4992)); // the history holds 4992..=5000
         for seq in 1..=5000 {
-            b.stored(Stored { user: u.clone(), incarnation: 1, seq });
+            b.stored(Stored { user: u.clone(), incarnation: 1, seq, front: front.clone() });
         }
         b.adjust((0, 0), (0, 9));
         for _ in 0..5000usize.div_ceil(COMPACT_STEP) {
-            b.compact(|s| s.seq > 4991);
+            b.compact();
         }
         assert_eq!(b.entries(), 9);
         assert_eq!(b.pop_oldest().map(|s| s.seq), Some(4992));
@@ -156,12 +168,18 @@ mod tests {
     fn a_compaction_in_steps_keeps_the_order_while_events_arrive_and_leave() {
         let mut b = Budget::new(0);
         let u = UserId::parse("u").unwrap();
-        let live = |s: &Stored| s.seq.is_multiple_of(3); // two of every three go stale
+        // Two of every three entries belong to histories that hold nothing
+        // any more: only multiples of 3 (and what is stored later) are live.
+        let (held, gone) = (Front::fixed(Some(1)), Front::fixed(None));
+        let entry = |seq: u64| {
+            let front = if seq.is_multiple_of(3) || seq > 3000 { held.clone() } else { gone.clone() };
+            Stored { user: u.clone(), incarnation: 1, seq, front }
+        };
         for seq in 1..=3000 {
-            b.stored(Stored { user: u.clone(), incarnation: 1, seq });
+            b.stored(entry(seq));
         }
         b.adjust((0, 0), (0, 500));
-        b.compact(live);
+        b.compact();
         assert!(b.unswept > 0, "a compaction is in progress");
         let checks_per_step = COMPACT_STEP;
         assert_eq!(b.order.len() + b.swept.len(), 3000 - (checks_per_step - checks_per_step / 3));
@@ -169,10 +187,10 @@ mod tests {
         let mut popped = Vec::new();
         let mut next = 3001;
         while b.unswept > 0 {
-            b.stored(Stored { user: u.clone(), incarnation: 1, seq: next });
+            b.stored(entry(next));
             next += 1;
             popped.extend(b.pop_oldest().map(|s| s.seq));
-            b.compact(live);
+            b.compact();
         }
         let mut rest = Vec::new();
         while let Some(s) = b.pop_oldest() {

@@ -11,7 +11,9 @@
 //! Invariant: held seqs are contiguous (appended in order, dropped only from
 //! the front), which is what makes [`History::plan_replay`] O(1).
 
+use std::cell::Cell;
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::protocol::Priority;
@@ -61,9 +63,69 @@ pub struct Limits {
 pub struct History {
     events: VecDeque<Held>,
     bytes: usize,
+    /// Shared with the shard's eviction order once it asks ([`History::front`]).
+    front: Option<Front>,
+}
+
+/// A history's oldest held seq, shared with the shard's eviction order
+/// ([`super::budget`]) so that it can tell a stale entry from a live one
+/// without finding the user: reads `u64::MAX` once nothing is held or the
+/// history is gone. One shared cell per user, not per event.
+#[derive(Debug, Clone)]
+pub struct Front(Rc<Cell<u64>>);
+
+impl Front {
+    /// A front not tied to any history, reading `seq` (tests of the order).
+    #[cfg(test)]
+    pub fn fixed(seq: Option<u64>) -> Front {
+        let f = Front(Rc::new(Cell::new(0)));
+        f.set(seq);
+        f
+    }
+
+    fn set(&self, seq: Option<u64>) {
+        self.0.set(seq.unwrap_or(u64::MAX));
+    }
+
+    /// Whether the event `seq` is still held.
+    pub fn holds(&self, seq: u64) -> bool {
+        self.0.get() <= seq
+    }
+
+    /// Whether the event `seq` is the oldest held.
+    pub fn is_oldest(&self, seq: u64) -> bool {
+        self.0.get() == seq
+    }
+}
+
+impl Drop for History {
+    fn drop(&mut self) {
+        if let Some(f) = &self.front {
+            f.set(None);
+        }
+    }
 }
 
 impl History {
+    /// The shared view of this history's oldest seq (made on first use).
+    pub fn front(&mut self) -> Front {
+        let first = self.first_seq();
+        self.front
+            .get_or_insert_with(|| {
+                let f = Front(Rc::new(Cell::new(0)));
+                f.set(first);
+                f
+            })
+            .clone()
+    }
+
+    /// Tells the shared view, if there is one, that the oldest seq changed.
+    fn sync_front(&self) {
+        if let Some(f) = &self.front {
+            f.set(self.first_seq());
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.events.len()
     }
@@ -97,12 +159,16 @@ impl History {
         }
         self.bytes += cost;
         self.events.push_back(held);
+        if self.events.len() == 1 {
+            self.sync_front();
+        }
     }
 
     /// Drops the oldest event.
     pub fn pop_front(&mut self) -> Option<Held> {
         let h = self.events.pop_front()?;
         self.bytes -= h.cost();
+        self.sync_front();
         Some(h)
     }
 
@@ -110,6 +176,7 @@ impl History {
     pub fn clear(&mut self) {
         self.events.clear();
         self.bytes = 0;
+        self.sync_front();
     }
 
     /// Drops events older than `ttl`.
@@ -198,6 +265,28 @@ mod tests {
         );
         assert!(h.is_empty());
         assert_eq!(h.bytes(), 0);
+    }
+
+    #[test]
+    fn the_shared_front_follows_every_change_and_dies_with_the_history() {
+        let now = Instant::now();
+        let limits = Limits { events: 3, bytes: ROOMY };
+        let mut h = History::default();
+        let f = h.front();
+        assert!(!f.holds(1), "nothing is held yet");
+        for s in 1..=5 {
+            h.push(held(s, now), limits);
+        }
+        assert!(f.is_oldest(3) && f.holds(5) && !f.holds(2));
+        h.pop_front();
+        assert!(f.is_oldest(4) && !f.holds(3));
+        h.clear();
+        assert!(!f.holds(5) && !f.is_oldest(5));
+        h.push(held(6, now), limits);
+        assert!(f.is_oldest(6));
+        let late = h.front(); // the same cell, however often asked
+        drop(h);
+        assert!(!f.holds(6) && !late.holds(6), "a dropped history holds nothing");
     }
 
     #[test]

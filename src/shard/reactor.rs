@@ -367,6 +367,9 @@ impl ShardCore {
         let mut users = self.users.borrow_mut();
         while budget.over() {
             let Some(s) = budget.pop_oldest() else { break };
+            if !s.front.is_oldest(s.seq) {
+                continue; // stale: its event already left the history
+            }
             let Some(u) = users.get_mut(&s.user) else { continue };
             if u.incarnation == s.incarnation && u.history.first_seq() == Some(s.seq) {
                 let before = (u.history.bytes(), u.history.len());
@@ -375,11 +378,7 @@ impl ShardCore {
                 bump(&self.handle().metrics.history_evicted, 1);
             }
         }
-        budget.compact(|s| {
-            users.get(&s.user).is_some_and(|u| {
-                u.incarnation == s.incarnation && u.history.first_seq().is_some_and(|f| f <= s.seq)
-            })
-        });
+        budget.compact();
     }
 
     /// Appends an event to a user's history (within `--history-size` and
@@ -390,7 +389,8 @@ impl ShardCore {
         let limits = history::Limits { events: cfg.history_size, bytes: cfg.history_bytes };
         self.with_history(user, |h| h.push(held, limits));
         if user.history.first_seq().is_some() {
-            let stored = Stored { user: user_id.clone(), incarnation: user.incarnation, seq };
+            let front = user.history.front();
+            let stored = Stored { user: user_id.clone(), incarnation: user.incarnation, seq, front };
             self.budget.borrow_mut().stored(stored);
         }
     }
