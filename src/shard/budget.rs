@@ -152,7 +152,7 @@ mod tests {
     fn compaction_keeps_live_entries_in_order() {
         let mut b = Budget::new(0);
         let u = UserId::parse("u").unwrap();
-        let front = Front::fixed(Some(4992)); // the history holds 4992..=5000
+        let front = Front::new(Some(4992)); // the history holds 4992..=5000
         for seq in 1..=5000 {
             b.stored(Stored { user: u.clone(), incarnation: 1, seq, front: front.clone() });
         }
@@ -170,7 +170,7 @@ mod tests {
         let u = UserId::parse("u").unwrap();
         // Two of every three entries belong to histories that hold nothing
         // any more: only multiples of 3 (and what is stored later) are live.
-        let (held, gone) = (Front::fixed(Some(1)), Front::fixed(None));
+        let (held, gone) = (Front::new(Some(1)), Front::new(None));
         let entry = |seq: u64| {
             let front = if seq.is_multiple_of(3) || seq > 3000 { held.clone() } else { gone.clone() };
             Stored { user: u.clone(), incarnation: 1, seq, front }

@@ -75,9 +75,8 @@ pub struct History {
 pub struct Front(Rc<Cell<u64>>);
 
 impl Front {
-    /// A front not tied to any history, reading `seq` (tests of the order).
-    #[cfg(test)]
-    pub fn fixed(seq: Option<u64>) -> Front {
+    /// A front reading `seq` (`None`: nothing held).
+    pub(crate) fn new(seq: Option<u64>) -> Front {
         let f = Front(Rc::new(Cell::new(0)));
         f.set(seq);
         f
@@ -110,13 +109,7 @@ impl History {
     /// The shared view of this history's oldest seq (made on first use).
     pub fn front(&mut self) -> Front {
         let first = self.first_seq();
-        self.front
-            .get_or_insert_with(|| {
-                let f = Front(Rc::new(Cell::new(0)));
-                f.set(first);
-                f
-            })
-            .clone()
+        self.front.get_or_insert_with(|| Front::new(first)).clone()
     }
 
     /// Tells the shared view, if there is one, that the oldest seq changed.
