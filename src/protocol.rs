@@ -395,14 +395,7 @@ pub fn encode_event_frame(seq: u64, ev: &PreparedEvent, ts_ms: u64) -> Frame {
         ts_buf.format(ts_ms).as_bytes(),
         b"}",
     ];
-    let len: usize = parts.iter().map(|p| p.len()).sum();
-    wsframe::build(|out| {
-        out.reserve(len + wsframe::MAX_HEADER_LEN);
-        wsframe::put_header(out, wsframe::OP_TEXT, len);
-        for p in parts {
-            out.extend_from_slice(p);
-        }
-    })
+    wsframe::from_parts(wsframe::OP_TEXT, &parts)
 }
 
 /// The `welcome` frame a connection receives first.

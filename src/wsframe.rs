@@ -6,7 +6,9 @@
 //! Reading client frames is left to fastwebsockets.
 //!
 //! A frame the shard queues and keeps is a [`Frame`]: one allocation with a
-//! non-atomic count, built in a reused thread-local buffer ([`build`]).
+//! non-atomic count, written straight into it from its parts
+//! ([`from_parts`]: event frames) or built in a reused thread-local buffer
+//! ([`build`]: frames assembled piece by piece).
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -59,16 +61,28 @@ pub const OP_PONG: u8 = 0xA;
 
 /// Appends a FIN frame header for `opcode` and a payload of `len` bytes.
 pub fn put_header(out: &mut Vec<u8>, opcode: u8, len: usize) {
-    out.push(0x80 | opcode);
-    if len < 126 {
-        out.push(len as u8);
+    let (head, n) = header(opcode, len);
+    out.extend_from_slice(&head[..n]);
+}
+
+/// A FIN frame header for `opcode` and a payload of `len` bytes: its
+/// bytes, of which the first `n` are the header.
+fn header(opcode: u8, len: usize) -> ([u8; MAX_HEADER_LEN], usize) {
+    let mut head = [0u8; MAX_HEADER_LEN];
+    head[0] = 0x80 | opcode;
+    let n = if len < 126 {
+        head[1] = len as u8;
+        2
     } else if len <= u16::MAX as usize {
-        out.push(126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
+        head[1] = 126;
+        head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
     } else {
-        out.push(127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
+        head[1] = 127;
+        head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    (head, n)
 }
 
 /// Appends a complete FIN frame with `opcode` and `payload`.
@@ -79,7 +93,27 @@ pub fn put_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
 
 /// A complete frame with `opcode` and `payload`.
 pub fn frame(opcode: u8, payload: &[u8]) -> Frame {
-    build(|out| put_frame(out, opcode, payload))
+    from_parts(opcode, &[payload])
+}
+
+/// A complete frame with `opcode` whose payload is `parts`, one after the
+/// other, written straight into its exact-size allocation: an event's
+/// frame is copied once, not assembled in [`SCRATCH`] and copied again.
+pub fn from_parts(opcode: u8, parts: &[&[u8]]) -> Frame {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let (head, n) = header(opcode, len);
+    let head = &head[..n];
+    let mut frame = Rc::<[u8]>::new_uninit_slice(n + len);
+    let Some(out) = Rc::get_mut(&mut frame) else { unreachable!("a new Rc has no other owner") };
+    let mut at = 0;
+    for p in std::iter::once(head).chain(parts.iter().copied()) {
+        out[at..at + p.len()].write_copy_of_slice(p);
+        at += p.len();
+    }
+    assert_eq!(at, out.len(), "every byte of the frame is written");
+    // SAFETY: the loop wrote `at` bytes from the start, one part after the
+    // other, and `at` is the allocation's length (asserted above).
+    unsafe { frame.assume_init() }
 }
 
 /// The payload of a complete server frame (unmasked, as we encode them).
@@ -118,6 +152,20 @@ pub fn close_frame(code: u16, reason: &str) -> Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame made of parts is the header and the parts, byte for byte,
+    /// at every header size.
+    #[test]
+    fn frames_from_parts_are_header_and_parts() {
+        for len in [0usize, 1, 125, 126, 65535, 65536] {
+            let a = vec![b'a'; len / 2];
+            let b = vec![b'b'; len - len / 2];
+            let mut want = Vec::new();
+            put_frame(&mut want, OP_TEXT, &[&a[..], &b[..]].concat());
+            assert_eq!(&from_parts(OP_TEXT, &[&a, &[], &b])[..], &want[..], "len {len}");
+        }
+        assert_eq!(&frame(OP_BINARY, b"xy")[..], &[0x82, 2, b'x', b'y']);
+    }
 
     #[test]
     fn header_lengths() {
