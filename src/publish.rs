@@ -265,6 +265,7 @@ fn command_count(items: &[Routed]) -> usize {
 async fn submit_stepwise(
     shared: &Shared,
     items: Vec<Routed>,
+    counts: &[usize],
     acks: &Arc<Acks>,
     per_item: bool,
 ) -> (Vec<Result<Pending, PublishError>>, Vec<Runs>) {
@@ -273,7 +274,7 @@ async fn submit_stepwise(
     let (answers, batch_acks) = if per_item { (Answers::ByBatch, Some(acks)) } else { (Answers::None, None) };
     let step = step_size(shared);
     let deadline = tokio::time::Instant::now() + STEP_WAIT;
-    let mut steps: Vec<Step> = (0..shared.shards.len()).map(|_| Step::new(!per_item)).collect();
+    let mut steps: Vec<Step> = counts.iter().map(|&n| Step::new(!per_item, n, step)).collect();
     // One item's commands, pushed into the buffers one at a time so that no
     // buffer ever holds more than a step (a `users` list may be long).
     let mut item_cmds: Vec<(usize, PublishCmd)> = Vec::new();
@@ -289,7 +290,7 @@ async fn submit_stepwise(
         let index = out.len();
         out.push(Ok(commands(req, &shards, &stamp, answers, &mut slot, |s, cmd| item_cmds.push((s, cmd)))));
         for (s, cmd) in item_cmds.drain(..) {
-            steps[s].add(cmd, index);
+            steps[s].add(cmd, index, step);
             if steps[s].cmds.len() >= step {
                 steps[s].push(shared, s, deadline, &mut out, batch_acks, None).await;
             }
@@ -309,6 +310,11 @@ async fn submit_stepwise(
 /// items they belong to.
 struct Step {
     cmds: Vec<PublishCmd>,
+    /// Commands of the request still to come for this shard: each batch's
+    /// vector is sized for its share once (a full step, or the rest),
+    /// rather than grown by doubling from empty — ten reallocations and a
+    /// copy of every command for a message of a thousand.
+    left: usize,
     /// The items with a command in `cmds`.
     items: Runs,
     /// When the request ends with a fence on this shard (no ack per item):
@@ -317,11 +323,18 @@ struct Step {
 }
 
 impl Step {
-    fn new(fenced: bool) -> Self {
-        Step { cmds: Vec::new(), items: Runs::default(), all: fenced.then(Runs::default) }
+    /// `count`: the commands the request has for this shard; `step`: the
+    /// most one batch takes.
+    fn new(fenced: bool, count: usize, step: usize) -> Self {
+        let cmds = Vec::with_capacity(count.min(step));
+        Step { cmds, left: count, items: Runs::default(), all: fenced.then(Runs::default) }
     }
 
-    fn add(&mut self, cmd: PublishCmd, item: usize) {
+    fn add(&mut self, cmd: PublishCmd, item: usize, step: usize) {
+        if self.cmds.capacity() == 0 {
+            self.cmds.reserve_exact(self.left.clamp(1, step));
+        }
+        self.left = self.left.saturating_sub(1);
         self.cmds.push(cmd);
         self.items.add(item);
         if let Some(all) = self.all.as_mut() {
@@ -496,7 +509,7 @@ pub async fn publish_items(
         (false, false) => None,
     };
     let (mut submitted, fenced) = match acks.as_ref().filter(|_| stepwise) {
-        Some(acks) => submit_stepwise(shared, routed, acks, want_reply).await,
+        Some(acks) => submit_stepwise(shared, routed, &counts, acks, want_reply).await,
         None => (submit_all(shared, routed, &counts, acks.as_ref()), Vec::new()),
     };
     if let Some(a) = &acks {
