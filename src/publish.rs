@@ -274,7 +274,7 @@ async fn submit_stepwise(
     let (answers, batch_acks) = if per_item { (Answers::ByBatch, Some(acks)) } else { (Answers::None, None) };
     let step = step_size(shared);
     let deadline = tokio::time::Instant::now() + STEP_WAIT;
-    let mut steps: Vec<Step> = counts.iter().map(|&n| Step::new(!per_item, n, step)).collect();
+    let mut steps: Vec<Step> = counts.iter().map(|&n| Step::new(!per_item, n)).collect();
     // One item's commands, pushed into the buffers one at a time so that no
     // buffer ever holds more than a step (a `users` list may be long).
     let mut item_cmds: Vec<(usize, PublishCmd)> = Vec::new();
@@ -323,13 +323,13 @@ struct Step {
 }
 
 impl Step {
-    /// `count`: the commands the request has for this shard; `step`: the
-    /// most one batch takes.
-    fn new(fenced: bool, count: usize, step: usize) -> Self {
-        let cmds = Vec::with_capacity(count.min(step));
-        Step { cmds, left: count, items: Runs::default(), all: fenced.then(Runs::default) }
+    /// `count`: the commands the request has for this shard.
+    fn new(fenced: bool, count: usize) -> Self {
+        Step { cmds: Vec::new(), left: count, items: Runs::default(), all: fenced.then(Runs::default) }
     }
 
+    /// `step`: the most one batch takes (what an empty batch is sized for,
+    /// at most).
     fn add(&mut self, cmd: PublishCmd, item: usize, step: usize) {
         if self.cmds.capacity() == 0 {
             self.cmds.reserve_exact(self.left.clamp(1, step));

@@ -59,8 +59,7 @@ impl Outgoing {
     /// Appends its publish object to `s`, formatted directly, with no
     /// formatting machinery (names and events are plain ASCII with nothing
     /// to escape): JSON building is the load generator's hottest path at
-    /// high rates.
-    /// `names`: every user's name, by index.
+    /// high rates. `names`: every user's name, by index.
     pub(crate) fn write_line(&self, names: &[String], s: &mut String) {
         let name = if self.broadcast { EVERYONE } else { names[self.user].as_str() };
         let mut n = itoa::Buffer::new();
