@@ -188,9 +188,6 @@ pub enum Answer<'a> {
     Ack(Ack),
     /// Slot `.1` of the batch answers `.0`.
     Batch(&'a mut BatchAcks, usize),
-    /// Slot `.1` of a block still being submitted (not sealed), answered
-    /// in place: an event its publisher's own shard applies inline.
-    Unsealed(&'a Arc<Acks>, usize),
 }
 
 impl Answer<'_> {
@@ -199,7 +196,6 @@ impl Answer<'_> {
             Answer::None => {}
             Answer::Ack(a) => a.send(d),
             Answer::Batch(b, i) => b.send(i, d),
-            Answer::Unsealed(a, i) => a.fill(i, d),
         }
     }
 
@@ -209,8 +205,6 @@ impl Answer<'_> {
             Answer::None => None,
             Answer::Ack(a) => Some(a),
             Answer::Batch(b, i) => Some(b.detach(i)),
-            // Counted now: the block is not sealed, so it cannot settle before.
-            Answer::Unsealed(a, i) => Some(a.ack(i)),
         }
     }
 }

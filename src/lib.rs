@@ -8,18 +8,15 @@
 //! The listeners ([`listener`]) accept on a separate I/O runtime. An API
 //! connection (HTTP keep-alive or a `/v1/stream` publisher) is then handed to
 //! a shard thread (round-robin) and served there: its publishes are parsed
-//! and validated on that thread and looked up in the [`routing`] table; an
-//! event of the thread's own shard's users is applied there inline
-//! (`shard::reactor::local`: no ring, no thread crossed; with `--shards 1`
-//! no event ever crosses a thread), any other is pushed into its owning
-//! shard's ring. Client sockets
+//! and validated on that thread, looked up in the [`routing`] table, and
+//! pushed into the owning shard's ring — its own (no thread crossed; with
+//! `--shards 1` no event ever crosses a thread) or another's. Client sockets
 //! are authenticated by the client listener and handed over to the owning
 //! shard, which finishes the upgrade.
 //!
 //! **Data path.** publisher (HTTP or `/v1/stream`, on a shard thread) →
 //! parse + validate in one pass ([`jsonscan`], [`protocol`]) → routing
-//! `load()` → applied inline when the owning shard is the thread's own, or
-//! reserve + push into the owning shard's ring ([`publish`]; a
+//! `load()` → reserve + push into the owning shard's ring ([`publish`]; a
 //! stream message's events for one shard go as one batch command holding a
 //! ring slot per event) → the shard (a pass takes up to 4,096 events,
 //! ending early once a connection's queue is half full, even inside a
@@ -49,8 +46,7 @@
 //!                   readcap, watchdog, reply, tls)
 //! publish, observe  publish objects → shard commands (or, --cluster, Redis);
 //!                   stats, /metrics, dashboard
-//! shard/            reactor (owned state; reactor/remote: cluster delivery;
-//!                   reactor/local: inline publishing),
+//! shard/            reactor (owned state; reactor/remote: cluster delivery),
 //!                   persist, history, budget, idempotency
 //! shared            what every thread reads (config, router, shard handles)
 //! inbox             commands a shard takes and its handle

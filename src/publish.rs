@@ -19,9 +19,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::acks::{Acks, Answer};
+use crate::acks::Acks;
 use crate::protocol::{self, InvalidInput, PreparedEvent, PublishRequest, Target, UserId};
-use crate::shard::reactor::local::{local_shard, LocalShard};
 use crate::shard::{Batch, BroadcastOutcome, Command, Delivery, Permit, PublishCmd};
 use crate::shared::Shared;
 
@@ -280,12 +279,6 @@ async fn submit_stepwise(
     // buffer ever holds more than a step (a `users` list may be long).
     let mut item_cmds: Vec<(usize, PublishCmd)> = Vec::new();
     let mut out = Vec::with_capacity(items.len());
-    // The events of this thread's own shard are applied inline, as they come.
-    let local = local_shard(shared);
-    let mine = local.as_ref().map(LocalShard::id);
-    if let Some(l) = &local {
-        l.begin();
-    }
     for item in items {
         let (req, shards) = match item {
             Ok(routed) => routed,
@@ -295,45 +288,20 @@ async fn submit_stepwise(
             }
         };
         let index = out.len();
-        out.push(Ok(commands(req, &shards, &stamp, answers, &mut slot, |s, cmd| match &local {
-            Some(l) if Some(s) == mine => {
-                let answer = if per_item { Answer::Unsealed(acks, cmd.slot as usize) } else { Answer::None };
-                match l.publish(cmd, answer) {
-                    None => steps[s].all.iter_mut().for_each(|all| all.add(index)),
-                    Some(cmd) => item_cmds.push((s, cmd)),
-                }
-            }
-            _ => item_cmds.push((s, cmd)),
-        })));
+        out.push(Ok(commands(req, &shards, &stamp, answers, &mut slot, |s, cmd| item_cmds.push((s, cmd)))));
         for (s, cmd) in item_cmds.drain(..) {
             steps[s].add(cmd, index, step);
             if steps[s].cmds.len() >= step {
                 steps[s].push(shared, s, deadline, &mut out, batch_acks, None).await;
             }
         }
-        if let Some(l) = local.as_ref().filter(|l| l.should_yield()) {
-            l.end();
-            tokio::task::yield_now().await;
-            l.begin();
-        }
     }
-    let fenced: Vec<Runs> = steps.iter_mut().map(|st| st.all.take().unwrap_or_default()).collect();
-    let mut fences: Vec<Option<crate::shard::Ack>> =
-        fenced.iter().enumerate().map(|(s, all)| (!all.is_empty()).then(|| acks.ack(s))).collect();
-    if let Some(l) = &local {
-        // The fence before the run's group commit, so the commit covers it.
-        if let Some(f) = fences[l.id()].take() {
-            fences[l.id()] = l.fence(f).err();
-        }
-        l.end();
-    }
-    for ((s, st), fence) in steps.iter_mut().enumerate().zip(fences) {
+    let mut fenced = Vec::new();
+    for (s, st) in steps.iter_mut().enumerate() {
+        let all = st.all.take().unwrap_or_default();
+        let fence = (!all.is_empty()).then(|| acks.ack(s));
         st.push(shared, s, deadline, &mut out, batch_acks, fence).await;
-    }
-    if local.is_some() {
-        // Let the writers of what was applied inline flush before the
-        // publisher's next message is read, as a reactor pass would.
-        tokio::task::yield_now().await;
+        fenced.push(all);
     }
     (out, fenced)
 }

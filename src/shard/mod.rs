@@ -5,11 +5,9 @@
 //! owns is touched by another thread. Everyone else talks to a shard only by
 //! pushing a [`Command`] into its ring ([`crate::inbox`], which also holds
 //! the handle others use). The thread's runtime also serves the API
-//! connections the API listener hands it: their events for this shard's own
-//! users are applied inline, between the reactor's passes
-//! (`reactor::local`); every other shard they reach through its ring.
-//! Submodules: `reactor` (the loop that applies commands; `reactor::local`,
-//! inline publishing), `history` (per-user resume
+//! connections the API listener hands it (they reach the shard's state only
+//! through rings, its own included). Submodules: `reactor` (the loop that applies
+//! commands), `history` (per-user resume
 //! buffer), `budget` (the shard's share of `--history-memory`),
 //! `idempotency` (per-user publish keys), `persist` (the disk engine's
 //! shard side, with `--data-dir`).

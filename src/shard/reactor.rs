@@ -46,7 +46,6 @@ use crate::shared::Shared;
 use crate::wsframe::Frame;
 use tokio::sync::oneshot;
 
-pub mod local;
 mod remote;
 
 /// Whether a user's local state follows Redis (cluster mode; always `Ready`
@@ -1056,7 +1055,6 @@ pub fn run(id: usize, shared: Arc<Shared>, started: std::sync::mpsc::Sender<()>)
     };
     let latency = local.block_on(&rt, async move {
         let core = Rc::new(ShardCore::new(id, shared, persist));
-        let _installed = local::install(&core);
         if let Some(r) = recovered {
             core.restore(r);
         }
